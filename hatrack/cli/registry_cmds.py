@@ -1,0 +1,371 @@
+"""Registry commands: base, register, list, show, tag, untag, alias, prune, check, keys.
+Each is a thin call into hatrack.registry; errors are HatrackErrors, printed as one line."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, List, Optional
+
+import typer
+
+from hatrack import settings
+
+base_app = typer.Typer(help="Base models: list them, or add one from a folder or Hugging Face id.",
+                       no_args_is_help=True)
+keys_app = typer.Typer(help="API keys for `hatrack serve`: create, list, revoke.", no_args_is_help=True)
+
+JSON_OPT = typer.Option(False, "--json", help="Print JSON instead of a table.")
+
+
+def _registry():
+    from hatrack.registry import Registry
+
+    return Registry()
+
+
+def _dump(data: Any) -> None:
+    print(json.dumps(data, indent=2, default=str))
+
+
+def _tags(pairs: Optional[List[str]]) -> dict[str, str]:
+    from hatrack.registry.names import parse_tag
+
+    return dict(parse_tag(p) for p in pairs or [])
+
+
+def human_size(n: int | None) -> str:
+    if n is None:
+        return "-"
+    size = float(n)
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1024 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} TB"
+
+
+def human_age(ts: int | None) -> str:
+    if not ts:
+        return "-"
+    secs = max(0, int(time.time()) - int(ts))
+    for unit, span in (("d", 86400), ("h", 3600), ("m", 60)):
+        if secs >= span:
+            return f"{secs // span}{unit}"
+    return f"{secs}s"
+
+
+def _fmt_score(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4g}"
+
+
+def print_versions(rows: list[dict], console=None) -> None:
+    """The `hatrack list` table (also printed by `hatrack demo`)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    if not rows:
+        console.print("no adapter versions")
+        return
+    table = Table(title="adapters")
+    table.add_column("name", no_wrap=True)
+    table.add_column("v", justify="right")
+    for column in ("base", "tags", "scores (base)", "size", "age", "aliases"):
+        table.add_column(column, overflow="fold")
+    for r in rows:
+        scores = ", ".join(
+            f"{m}={_fmt_score(v)}" + (f" ({_fmt_score(r['base_scores'].get(m))})"
+                                      if r["base_scores"].get(m) is not None else "")
+            for m, v in r["scores"].items()
+        )
+        table.add_row(
+            r["name"], str(r["version"]), r["base"],
+            " ".join(f"{k}={v}" for k, v in r["tags"].items()) or "-",
+            scores or "-", human_size(r["size"]), human_age(r["created_ts"]),
+            ", ".join(r["aliases"]) or "-",
+        )
+    console.print(table)
+
+
+def _adapter_ref(reg, ref: str):
+    """NAME (prod, else newest) or NAME@V / NAME@ALIAS -> VersionRecord."""
+    return reg.version_of(ref)
+
+
+# ---------------------------------------------------------------- base
+
+
+@base_app.command("list")
+def base_list(as_json: bool = JSON_OPT) -> None:
+    """List base models (the default smollm2-135m is registered on first use)."""
+    from hatrack import basemodel
+
+    reg = _registry()
+    try:
+        basemodel.ensure_base(reg, settings.DEFAULT_BASE_NAME)
+    except basemodel.BaseModelError:
+        pass  # the default base is not installed here; list what exists
+    bases = reg.list_bases()
+    if as_json:
+        _dump([b.to_dict() for b in bases])
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="base models")
+    for column in ("name", "fingerprint", "source", "created"):
+        table.add_column(column, overflow="fold")
+    for b in bases:
+        table.add_row(b.name, b.fingerprint[:16], b.source, b.created.strftime("%Y-%m-%d %H:%M"))
+    Console().print(table)
+
+
+@base_app.command("add")
+def base_add(
+    name: str = typer.Argument(..., help="Name to register the base under (e.g. llama-3.2-1b)."),
+    source: str = typer.Argument(..., help="A local model folder or a Hugging Face id."),
+    as_json: bool = JSON_OPT,
+) -> None:
+    """Register a base model from a local folder or a Hugging Face id."""
+    from hatrack import basemodel
+    from hatrack.registry import validate_name
+
+    validate_name(name)
+    record = basemodel.add_base(_registry(), name, source)
+    if as_json:
+        _dump(record.to_dict())
+    else:
+        print(f"base {record.name}: fingerprint {record.fingerprint}")
+
+
+# ---------------------------------------------------------------- register, list, show
+
+
+def register(
+    path: Path = typer.Argument(..., help="A PEFT LoRA folder (adapter_config.json + adapter_model.safetensors)."),
+    name: str = typer.Option(..., "--name", help="Adapter name, e.g. acme-support."),
+    base: str = typer.Option(settings.DEFAULT_BASE_NAME, "--base", help="Base model it was trained on."),
+    tag: Optional[List[str]] = typer.Option(None, "--tag", help="key=value, repeatable."),
+    as_json: bool = JSON_OPT,
+) -> None:
+    """Import a PEFT adapter folder as the next version of NAME, after checking it fits the base."""
+    from hatrack import basemodel
+    from hatrack.registry import validate_name
+
+    validate_name(name)
+    tags = _tags(tag)
+    reg = _registry()
+    basemodel.ensure_base(reg, base)
+    record = reg.register(path, name=name, base=base, tags=tags)
+    if as_json:
+        _dump(reg.version_info(record.name, record.version))
+    else:
+        print(f"registered {record.label}  sha256 {record.sha256[:12]}  {human_size(record.size)}")
+
+
+def list_cmd(
+    name: Optional[str] = typer.Option(None, "--name", help="Only this adapter name."),
+    tag: Optional[List[str]] = typer.Option(None, "--tag", help="Only versions with key=value (repeatable: all must match)."),
+    base: Optional[str] = typer.Option(None, "--base", help="Only adapters of this base."),
+    sort: Optional[str] = typer.Option(None, "--sort", help="A metric (e.g. eval_loss: best first), or name, version, created, size."),
+    as_json: bool = JSON_OPT,
+) -> None:
+    """List adapter versions with their base, tags, scores, size, age and aliases."""
+    rows = _registry().list_versions(name=name, tags=_tags(tag), base=base, sort=sort)
+    if as_json:
+        _dump(rows)
+    else:
+        print_versions(rows)
+
+
+def show(
+    ref: str = typer.Argument(..., help="NAME, NAME@VERSION or NAME@ALIAS."),
+    as_json: bool = JSON_OPT,
+) -> None:
+    """Everything the registry records about one adapter version."""
+    reg = _registry()
+    record = _adapter_ref(reg, ref)
+    info = reg.version_info(record.name, record.version)
+    if as_json:
+        _dump(info)
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=info["label"], show_header=False)
+    table.add_column("field", style="bold")
+    table.add_column("value", overflow="fold")
+    for key, value in info.items():
+        if key in ("label", "created_ts"):
+            continue
+        if isinstance(value, (dict, list)):
+            value = json.dumps(value, default=str) if value else "-"
+        table.add_row(key, "-" if value is None else str(value))
+    Console().print(table)
+
+
+# ---------------------------------------------------------------- tags and aliases
+
+
+def tag(
+    ref: str = typer.Argument(..., help="NAME[@VERSION] (NAME alone: the version it resolves to)."),
+    pairs: List[str] = typer.Argument(..., help="key=value ..."),
+) -> None:
+    """Set tags on a version (an existing key gets the new value)."""
+    tags = _tags(pairs)
+    reg = _registry()
+    record = _adapter_ref(reg, ref)
+    reg.set_tags(record.name, record.version, tags)
+    print(f"{record.label}: " + " ".join(f"{k}={v}" for k, v in tags.items()))
+
+
+def untag(
+    ref: str = typer.Argument(..., help="NAME[@VERSION] (NAME alone: the version it resolves to)."),
+    keys: List[str] = typer.Argument(..., help="Tag keys to remove."),
+) -> None:
+    """Remove tags from a version."""
+    reg = _registry()
+    record = _adapter_ref(reg, ref)
+    removed = reg.remove_tags(record.name, record.version, keys)
+    missing = sorted(set(keys) - set(removed))
+    print(f"{record.label}: removed {', '.join(removed) or 'nothing'}"
+          + (f" (not set: {', '.join(missing)})" if missing else ""))
+
+
+def alias(
+    name: str = typer.Argument(..., metavar="NAME", help="Adapter name."),
+    alias_name: str = typer.Argument(..., metavar="ALIAS", help="Alias, e.g. prod or staging (never all digits)."),
+    version: Optional[int] = typer.Argument(None, metavar="VERSION", help="Version the alias should point at."),
+    force: bool = typer.Option(False, "--force", help="Promote to prod even if its eval_loss is worse."),
+    delete: bool = typer.Option(False, "--delete", help="Remove the alias."),
+) -> None:
+    """Point ALIAS of NAME at VERSION (prod is gated on eval_loss), or --delete it."""
+    from hatrack.registry import RegistryError
+
+    reg = _registry()
+    if delete:
+        if version is not None:
+            raise RegistryError("give either VERSION or --delete, not both")
+        reg.delete_alias(name, alias_name)
+        print(f"{name}@{alias_name} deleted")
+        return
+    if version is None:
+        raise RegistryError(f"missing VERSION: `hatrack alias {name} {alias_name} VERSION` (or --delete)")
+    reg.set_alias(name, alias_name, version, force=force)
+    print(f"{name}@{alias_name} -> {name}@{version}" + (" (forced)" if force else ""))
+
+
+# ---------------------------------------------------------------- prune and check
+
+
+def prune(
+    name: Optional[str] = typer.Option(None, "--name", help="Only versions of this adapter."),
+    tag: Optional[List[str]] = typer.Option(None, "--tag", help="Only versions with key=value."),
+    keep_last: Optional[int] = typer.Option(None, "--keep-last", help="Keep the N newest versions of each name."),
+    keep_best: Optional[int] = typer.Option(None, "--keep-best", help="Keep the N best versions of each name (needs --by)."),
+    by: Optional[str] = typer.Option(None, "--by", help="Metric for --keep-best (lower is better for *loss*/*perplexity*)."),
+    older_than: Optional[str] = typer.Option(None, "--older-than", help="Only versions older than this, e.g. 30d or 12h."),
+    trained_on: Optional[str] = typer.Option(None, "--trained-on", help="Only versions trained on this file (or dataset sha256)."),
+    yes: bool = typer.Option(False, "--yes", help="Delete. Without it, only the plan is printed."),
+    as_json: bool = JSON_OPT,
+) -> None:
+    """Remove old or worse versions. Prints the plan; deletes only with --yes. Aliased versions are kept."""
+    reg = _registry()
+    plan = reg.plan_prune(name=name, tags=_tags(tag), keep_last=keep_last, keep_best=keep_best, by=by,
+                          older_than=older_than, trained_on=trained_on)
+    result = reg.prune(plan) if yes else None
+    if as_json:
+        _dump({"plan": plan.to_dict(), "deleted": yes, "result": result.to_dict() if result else None})
+        return
+    for kept in plan.kept:
+        print(f"keep   {kept['label']}  (alias {', '.join(kept['aliases'])})")
+    for item in plan.remove:
+        print(f"remove {item.label}  {human_size(item.size)}  {'; '.join(item.reasons)}")
+    if not plan.remove:
+        print("nothing to prune")
+        return
+    if result is None:
+        print(f"would free {human_size(plan.freed_bytes)} ({len(plan.free_folders)} store folders); "
+              f"run again with --yes to delete")
+    else:
+        for label in result.skipped:
+            print(f"kept   {label}  (an alias now points at it)")
+        print(f"deleted {len(result.removed)} versions, freed {human_size(result.freed_bytes)} "
+              f"({len(result.removed_folders)} store folders)")
+
+
+def check(
+    fix: bool = typer.Option(False, "--fix", help="Remove store folders no version uses."),
+    as_json: bool = JSON_OPT,
+) -> None:
+    """Verify every artifact against its sha256 and find orphan store folders; exit 1 on problems."""
+    report = _registry().check(fix=fix)
+    if as_json:
+        _dump(report.to_dict())
+    else:
+        for p in report.problems:
+            who = f" ({', '.join(p.versions)})" if p.versions else ""
+            print(f"{p.kind:8} {p.target[:16]}{who}: {p.detail}" + ("  [removed]" if p.fixed else ""))
+        print(f"checked {report.versions} versions, {report.artifacts} artifacts, "
+              f"{report.store_entries} store entries: " + ("ok" if report.ok else "problems found"))
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+# ---------------------------------------------------------------- keys
+
+
+@keys_app.command("create")
+def keys_create(
+    tenant: str = typer.Option(..., "--tenant", help="Who the key belongs to."),
+    allow: List[str] = typer.Option(..., "--allow", help="Adapter name glob this key may use, e.g. 'acme-*' (repeatable)."),
+    as_json: bool = JSON_OPT,
+) -> None:
+    """Create a key; the secret is printed once and only its sha256 is stored."""
+    record, secret = _registry().create_key(tenant, allow)
+    if as_json:
+        _dump(dict(record.to_dict(), secret=secret))
+    else:
+        print(f"key {record.id} for tenant {record.tenant} (allows {', '.join(record.patterns)})")
+        print(f"secret (shown once): {secret}")
+
+
+@keys_app.command("list")
+def keys_list(as_json: bool = JSON_OPT) -> None:
+    """List keys (never their secrets)."""
+    keys = _registry().list_keys()
+    if as_json:
+        _dump([k.to_dict() for k in keys])
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="API keys")
+    for column in ("id", "tenant", "allows", "created", "revoked"):
+        table.add_column(column)
+    for k in keys:
+        table.add_row(k.id, k.tenant, " ".join(k.patterns), k.created.strftime("%Y-%m-%d %H:%M"),
+                      k.revoked.strftime("%Y-%m-%d %H:%M") if k.revoked else "-")
+    Console().print(table)
+
+
+@keys_app.command("revoke")
+def keys_revoke(key_id: str = typer.Argument(..., help="Key id from `hatrack keys list`.")) -> None:
+    """Revoke a key: it stops working at once."""
+    _registry().revoke_key(key_id)
+    print(f"revoked {key_id}")
+
+
+def install(app: typer.Typer) -> None:
+    app.add_typer(base_app, name="base")
+    app.command("register")(register)
+    app.command("list")(list_cmd)
+    app.command("show")(show)
+    app.command("tag")(tag)
+    app.command("untag")(untag)
+    app.command("alias")(alias)
+    app.command("prune")(prune)
+    app.command("check")(check)
+    app.add_typer(keys_app, name="keys")

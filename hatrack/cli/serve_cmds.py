@@ -1,0 +1,64 @@
+"""`hatrack serve`: the OpenAI-compatible server on one base model."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import typer
+import uvicorn
+
+from hatrack import settings
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn re-raises SIGTERM/SIGINT after its graceful shutdown, so the process would
+    end with -15 even when every in-flight request finished. A completed drain is a
+    clean exit: status 0, as supervisors (systemd, Kubernetes) expect."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        with super().capture_signals():
+            yield
+            self._captured_signals.clear()
+
+
+def serve(
+    base: str = typer.Option(settings.DEFAULT_BASE_NAME, help="Registered base model to load."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on."),
+    port: int = typer.Option(8000, help="Port to listen on."),
+    quantize: str = typer.Option("nf4", help="Base weights: nf4 (4-bit), int8 or none."),
+    device: str = typer.Option(None, help="cpu or cuda (default: cuda when present)."),
+    max_loaded: int = typer.Option(8, help="Adapters kept in device slots (LRU beyond)."),
+    max_host: int = typer.Option(64, help="Adapters kept in host memory before going back to disk."),
+    max_batch: int = typer.Option(32, help="Sequences decoded together in one step."),
+    max_waiting: int = typer.Option(256, help="Queued requests before answering 429."),
+    max_tokens: int = typer.Option(256, help="Default max_tokens when a request sets none."),
+    shutdown_timeout: float = typer.Option(
+        30.0, help="On SIGTERM: seconds to let in-flight requests finish before exiting."
+    ),
+    log_level: str = typer.Option("info", help="uvicorn log level."),
+) -> None:
+    """Serve the base and every registered adapter behind an OpenAI-compatible API.
+
+    Requests pick an adapter with their `model` field (`acme-support`, `acme-support@3`,
+    `acme-support@prod`) or the bare base by its name. Adapters registered while the
+    server runs are servable on their next request.
+    """
+    from hatrack.server.app import ServeConfig, create_app
+
+    if quantize not in ("nf4", "int8", "none"):
+        raise typer.BadParameter("expected nf4, int8 or none", param_hint="--quantize")
+    config = ServeConfig(
+        base=base, quantize=quantize, device=device, max_loaded=max_loaded, max_host=max_host,
+        max_batch=max_batch, max_waiting=max_waiting, default_max_tokens=max_tokens,
+        shutdown_timeout=shutdown_timeout,
+    )
+    app = create_app(config)
+    server = DrainingServer(uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                                           timeout_graceful_shutdown=int(shutdown_timeout)))
+    server.run()
+
+
+def install(app: typer.Typer) -> None:
+    app.command("serve")(serve)

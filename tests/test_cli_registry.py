@@ -1,0 +1,99 @@
+"""The registry walkthrough through the real `hatrack` console script."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import adapter_variant, write_peft_adapter
+
+HATRACK = str(Path(sys.executable).with_name("hatrack"))
+
+
+@pytest.fixture()
+def cli(hatrack_home: Path, default_base_dir: Path):
+    # the default base is already converted in the test cache: point hatrack at it
+    base_env = dict(os.environ, HATRACK_HOME=str(hatrack_home), HATRACK_BASES_DIR=str(default_base_dir.parent),
+               COLUMNS="200")
+
+    def run(*args: str, ok: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
+        proc = subprocess.run([HATRACK, *args], env={**base_env, **(env or {})}, capture_output=True,
+                              text=True, timeout=120)
+        if ok:
+            assert proc.returncode == 0, f"hatrack {' '.join(args)}: {proc.stderr}"
+        return proc
+
+    return run
+
+
+def test_registry_walkthrough(cli, tiny_base_dir: Path, tmp_path: Path):
+    bases = json.loads(cli("base", "list", "--json").stdout)
+    assert [b["name"] for b in bases] == ["smollm2-135m"] and len(bases[0]["fingerprint"]) == 64
+    assert "tiny" in cli("base", "add", "tiny", str(tiny_base_dir)).stdout
+
+    first = write_peft_adapter(tiny_base_dir, tmp_path / "v1", seed=3)
+    second = adapter_variant(first, tmp_path / "v2", "second")
+    out = cli("register", str(first), "--name", "acme-support", "--base", "tiny", "--tag", "customer=acme").stdout
+    assert "acme-support@1" in out
+    cli("register", str(second), "--name", "acme-support", "--base", "tiny", "--tag", "customer=acme",
+        "--tag", "round=2")
+    cli("register", str(second), "--name", "globex-support", "--base", "tiny", "--tag", "customer=globex")
+
+    rows = json.loads(cli("list", "--tag", "customer=acme", "--json").stdout)
+    assert [r["label"] for r in rows] == ["acme-support@1", "acme-support@2"]
+    info = json.loads(cli("show", "acme-support@2", "--json").stdout)
+    assert info["tags"] == {"customer": "acme", "round": "2"} and info["base"] == "tiny"
+    assert len(info["sha256"]) == 64 and info["size"] > 0 and info["lib_versions"] is None
+
+    assert "acme-support@prod -> acme-support@1" in cli("alias", "acme-support", "prod", "1").stdout
+    cli("tag", "acme-support@2", "stage=rc")
+    cli("untag", "acme-support@2", "round")
+    shown = cli("show", "acme-support").stdout  # NAME alone: the version prod points at
+    assert "acme-support@1" in shown and "customer" in shown
+
+
+    plan = cli("prune", "--name", "acme-support", "--keep-last", "0").stdout
+    assert "remove acme-support@2" in plan and "keep   acme-support@1" in plan and "--yes" in plan
+    assert len(json.loads(cli("list", "--name", "acme-support", "--json").stdout)) == 2  # plan only
+    done = json.loads(cli("prune", "--name", "acme-support", "--keep-last", "0", "--yes", "--json").stdout)
+    assert done["result"]["removed"] == ["acme-support@2"]
+    assert done["result"]["removed_folders"] == []  # globex-support@1 shares that content
+    table = cli("list").stdout
+    assert "acme-support" in table and "globex-support" in table and "prod" in table and "stage=rc" not in table
+
+    report = json.loads(cli("check", "--json").stdout)
+    assert report["ok"] and report["versions"] == 2 and report["problems"] == []
+
+
+def test_errors_are_one_line_and_keys_round_trip(cli, tiny_base_dir: Path, tmp_path: Path):
+    cli("base", "add", "tiny", str(tiny_base_dir))
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "adapter_config.json").write_text("{}")
+    (pickled / "adapter_model.bin").write_bytes(b"\x80\x04")
+    for args, expected in [
+        (("register", str(pickled), "--name", "acme", "--base", "tiny"), "pickle files are not loaded for safety"),
+        (("register", str(pickled), "--name", "../evil", "--base", "tiny"), "invalid name '../evil'"),
+        (("show", "nobody@3"), "'nobody' has no version 3"),
+        (("alias", "acme", "123", "1"), "never all digits"),
+        (("prune", "--older-than", "soon"), "invalid age 'soon'"),
+    ]:
+        proc = cli(*args, ok=False)
+        assert proc.returncode == 1 and proc.stdout == ""
+        assert proc.stderr.startswith("error: ") and expected in proc.stderr and proc.stderr.count("\n") == 1
+
+    broken = cli("list", ok=False, env={"HATRACK_DB_URL": f"sqlite:///{tmp_path}/no/such/dir/registry.db"})
+    assert broken.returncode == 1 and broken.stderr.startswith("error: registry database sqlite:")
+    assert broken.stderr.count("\n") == 1 and "Traceback" not in broken.stderr
+
+    created = json.loads(cli("keys", "create", "--tenant", "acme", "--allow", "acme-*", "--json").stdout)
+    assert created["secret"].startswith("hr-")
+    listed = cli("keys", "list", "--json").stdout
+    assert created["id"] in listed and created["secret"] not in listed
+    cli("keys", "revoke", created["id"])
+    assert json.loads(cli("keys", "list", "--json").stdout)[0]["revoked"] is not None
+    assert "--keep-best" in cli("prune", "--help").stdout
