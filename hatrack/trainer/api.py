@@ -1,0 +1,269 @@
+"""train() and evaluate(): a dataset in, a registered, scored adapter version out.
+
+Nothing is registered until training and evaluation have both finished, so a run
+that fails or is killed leaves no version behind; its checkpoints stay in
+HATRACK_HOME/runs/<name>-<data sha256[:12]>/ for --resume.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import json
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hatrack import basemodel, settings
+from hatrack.errors import HatrackError
+from hatrack.registry import DatasetInfo, Registry, ScoreIn, parse_ref, validate_name
+from hatrack.trainer import data as data_mod
+from hatrack.trainer.render import check_mask, encode, end_of_turn_ids
+
+RUN_CONFIG = "hatrack-run.json"
+METRICS = ("eval_loss", "perplexity", "exact_match", "contains")
+
+
+@dataclass
+class TrainConfig:
+    data: str
+    name: str
+    base: str = settings.DEFAULT_BASE_NAME
+    tags: dict[str, str] = field(default_factory=dict)
+    eval_split: float = 0.1
+    epochs: float = 3.0
+    max_steps: int | None = None
+    rank: int = 16
+    alpha: int = 32
+    lr: float = 2e-4
+    targets: str = "all-linear"
+    quantize: str | None = None  # None = best for this machine
+    seed: int = 42
+    resume: bool = False
+    save_steps: int | None = None
+    batch_size: int = 4  # small per-customer sets learn more from more, smaller steps
+    max_length: int = 1024
+    parent: str | None = None  # NAME@V: start from that version's adapter
+
+
+@dataclass
+class TrainOutcome:
+    version: int
+    name: str
+    sha256: str
+    scores: list[ScoreIn]
+    metrics: dict
+    artifact_dir: Path
+
+
+def _say(progress: bool, message: str) -> None:
+    if progress:
+        print(message, file=sys.stderr, flush=True)
+
+
+def lib_versions() -> dict[str, str]:
+    out = {}
+    for lib in ("torch", "transformers", "peft", "trl", "bitsandbytes", "datasets"):
+        try:
+            out[lib] = importlib.metadata.version(lib)
+        except importlib.metadata.PackageNotFoundError:
+            out[lib] = "absent"
+    return out
+
+
+def run_dir_for(name: str, data_sha256: str) -> Path:
+    return settings.home() / "runs" / f"{name}-{data_sha256[:12]}"
+
+
+def _check_config(config: TrainConfig) -> None:
+    validate_name(config.name)
+    checks = [
+        (config.rank >= 1, f"--rank must be at least 1; got {config.rank}"),
+        (config.alpha >= 1, f"--alpha must be at least 1; got {config.alpha}"),
+        (config.lr > 0, f"--lr must be positive; got {config.lr}"),
+        (config.epochs > 0, f"--epochs must be positive; got {config.epochs}"),
+        (config.max_steps is None or config.max_steps >= 1, f"--max-steps must be at least 1; got {config.max_steps}"),
+        (config.batch_size >= 1, f"--batch-size must be at least 1; got {config.batch_size}"),
+        (config.max_length >= 16, f"--max-length must be at least 16; got {config.max_length}"),
+        (config.save_steps is None or config.save_steps >= 1, f"--save-steps must be at least 1; got {config.save_steps}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise HatrackError(message)
+
+
+def _prepare_run_dir(config: TrainConfig, dataset_sha: str) -> tuple[TrainConfig, Path, Path | None]:
+    """(config to train with, run folder, checkpoint to resume from). --resume takes the
+    interrupted run's own config, so the same command line without flags carries on."""
+    from hatrack.trainer.loop import last_checkpoint
+
+    run_dir = run_dir_for(config.name, dataset_sha)
+    if config.resume:
+        checkpoint = last_checkpoint(run_dir) if run_dir.is_dir() else None
+        saved = run_dir / RUN_CONFIG
+        if checkpoint is None or not saved.is_file():
+            raise HatrackError(
+                f"nothing to resume for {config.name} on this data: no checkpoint in {run_dir}"
+                " (train with --save-steps N to write checkpoints)"
+            )
+        fields = json.loads(saved.read_text())
+        fields["resume"] = True
+        return TrainConfig(**fields), run_dir, checkpoint
+    if run_dir.exists():
+        shutil.rmtree(run_dir)  # a fresh run replaces an abandoned one
+    run_dir.mkdir(parents=True)
+    (run_dir / RUN_CONFIG).write_text(json.dumps(dataclasses.asdict(config), indent=2))
+    return config, run_dir, None
+
+
+def train(config: TrainConfig, registry: Registry, *, progress: bool = True) -> TrainOutcome:
+    """Train a LoRA adapter on config.data, evaluate it and its base on held-out rows,
+    and register it as the next version of config.name."""
+    _check_config(config)
+    dataset = data_mod.load_dataset(config.data)  # every bad row is reported before anything else
+    config, run_dir, checkpoint = _prepare_run_dir(config, dataset.sha256)
+
+    parent_version, parent_dir = None, None
+    base_name = config.base
+    if config.parent:
+        ref = parse_ref(config.parent)
+        if ref.name != config.name:
+            raise HatrackError(f"--parent {config.parent}: must be a version of {config.name}")
+        parent = registry.version_of(config.parent)
+        parent_version, base_name = parent.version, parent.base_name
+        parent_dir = registry.open_artifact(parent.sha256)
+    base = basemodel.ensure_base(registry, base_name)
+
+    from transformers import AutoTokenizer, GenerationConfig, set_seed
+
+    from hatrack.trainer import evaluation, loop, runtime as rt
+
+    runtime = rt.choose_runtime(config.quantize)
+    tokenizer = AutoTokenizer.from_pretrained(base.path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    try:
+        gen_config = GenerationConfig.from_pretrained(base.path)
+    except OSError:
+        gen_config = None
+    eot_ids = end_of_turn_ids(tokenizer, gen_config)
+    eot_name = tokenizer.convert_ids_to_tokens(sorted(eot_ids)[0]) if eot_ids else "(none)"
+
+    train_rows, heldout = data_mod.split(dataset.examples, config.eval_split, config.seed)
+    encoded = [encode(tokenizer, e, eot_ids, config.max_length) for e in train_rows]
+    health = check_mask(encoded, eot_ids, dataset.label, config.max_length, eot_name)
+    encoded = [e for e in encoded if e.trained]
+    _say(progress, f"{dataset.label}: {dataset.rows} rows ({len(encoded)} train, {len(heldout)} held out), "
+                   f"{health.trained_share:.0%} of tokens trained; base {base.name}, "
+                   f"{runtime.device} {str(runtime.dtype).replace('torch.', '')}, quantize {runtime.quantize}")
+
+    set_seed(config.seed)  # LoRA init and data order
+    model, tokenizer = rt.load_trainable(
+        Path(base.path), runtime, rt.LoraSpec(config.rank, config.alpha, config.targets), parent_dir
+    )
+    settings_ = loop.LoopSettings(
+        epochs=config.epochs, max_steps=config.max_steps, lr=config.lr, batch_size=config.batch_size,
+        max_length=config.max_length, seed=config.seed, save_steps=config.save_steps,
+    )
+    result = loop.run(model, tokenizer, encoded, runtime, settings_, run_dir, resume_from=checkpoint, progress=progress)
+
+    adapter_dir = run_dir / "adapter"
+    if adapter_dir.exists():
+        shutil.rmtree(adapter_dir)
+    model.save_pretrained(str(adapter_dir))
+    for extra in adapter_dir.iterdir():  # the store takes exactly config + safetensors
+        if extra.name not in ("adapter_config.json", "adapter_model.safetensors"):
+            extra.unlink() if extra.is_file() else shutil.rmtree(extra)
+
+    scores: list[ScoreIn] = []
+    samples: dict = {}
+    if heldout:
+        _say(progress, f"evaluating adapter and base on {len(heldout)} held-out rows ...")
+        mine, theirs, samples = evaluation.score_both(
+            model, tokenizer, heldout, eot_ids, config.max_length, on_stage=None
+        )
+        scores = to_scores(mine, theirs, dataset.sha256, "heldout")
+
+    metrics: dict[str, Any] = {
+        "final_loss": result.final_loss,
+        "steps": result.steps,
+        "runtime_s": round(result.runtime_s, 2),
+        "tokens_per_s": round(result.tokens_per_s, 1),
+        "loss_curve": result.loss_curve,
+        "trained_token_share": health.as_dict()["trained_token_share"],
+        "label_mask": health.as_dict(),
+        "train_rows": len(encoded),
+        "heldout_rows": len(heldout),
+        "device": runtime.device,
+        "compute_dtype": str(runtime.dtype).replace("torch.", ""),
+        "resumed": config.resume,
+    }
+    if samples:
+        metrics["heldout_samples"] = samples
+    train_config = dataclasses.asdict(config) | {"quantize": runtime.quantize, "base": base.name}
+    record = registry.register(
+        adapter_dir,
+        name=config.name,
+        base=base.name,
+        tags=config.tags,
+        parent_version=parent_version,
+        quantization=runtime.quantize,
+        dataset=DatasetInfo(sha256=dataset.sha256, rows=dataset.rows, source=dataset.source),
+        train_config=train_config,
+        seed=config.seed,
+        train_metrics=metrics,
+        chat_template_sha256=basemodel.chat_template_sha256(Path(base.path)),
+        lib_versions=lib_versions(),
+        scores=scores,
+    )
+    shutil.rmtree(run_dir, ignore_errors=True)  # registered: checkpoints are no longer needed
+    return TrainOutcome(
+        version=record.version,
+        name=record.name,
+        sha256=record.sha256,
+        scores=scores,
+        metrics=metrics,
+        artifact_dir=registry.open_artifact(record.sha256, verify=False),
+    )
+
+
+def to_scores(mine, theirs, dataset_sha: str, split: str) -> list[ScoreIn]:
+    out = []
+    for metric in METRICS:
+        value = getattr(mine, metric)
+        if value is None:
+            continue
+        out.append(ScoreIn(metric=metric, value=float(value), base_value=float(getattr(theirs, metric)),
+                           dataset_sha256=dataset_sha, split=split))
+    return out
+
+
+def evaluate(registry: Registry, ref: str, data: str, *, progress: bool = True) -> list[ScoreIn]:
+    """Score version `ref` (NAME or NAME@V) and its base on `data`; add the scores to
+    that version with split "eval:<file name>"."""
+    record = registry.version_of(ref)
+    dataset = data_mod.load_dataset(data)
+    base = registry.get_base(record.base_name)
+    if base.fingerprint != record.base_fingerprint:
+        raise HatrackError(f"{record.label} was trained on another {base.name} (fingerprint differs); not scoring it")
+    adapter_dir = registry.open_artifact(record.sha256)
+
+    from transformers import GenerationConfig
+
+    from hatrack.trainer import evaluation, runtime as rt
+
+    runtime = rt.choose_runtime(record.quantization if record.quantization in rt.QUANTIZE_CHOICES else None)
+    _say(progress, f"scoring {record.label} and {base.name} on {dataset.label} ({dataset.rows} rows) ...")
+    model, tokenizer = rt.load_for_eval(Path(base.path), runtime, adapter_dir)
+    try:
+        gen_config = GenerationConfig.from_pretrained(base.path)
+    except OSError:
+        gen_config = None
+    eot_ids = end_of_turn_ids(tokenizer, gen_config)
+    max_length = int((record.train_config or {}).get("max_length") or 1024)
+    mine, theirs, _ = evaluation.score_both(model, tokenizer, dataset.examples, eot_ids, max_length)
+    scores = to_scores(mine, theirs, dataset.sha256, f"eval:{dataset.label}")
+    registry.add_scores(record.name, record.version, scores)
+    return scores

@@ -1,0 +1,204 @@
+"""The training run itself: TRL's SFTTrainer over pre-tokenised rows.
+
+Rows arrive already tokenised with their label mask (render.py), so SFTTrainer
+neither re-renders nor re-masks them. Batches are padded, not padding-free: on CPU
+the packed-sequence attention mask (sdpa) made steps ~5x slower than the padding
+it saves. Checkpoints go to the run folder; Ctrl-C asks the trainer to
+save and stop at the end of the current step.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hatrack.errors import HatrackError
+from hatrack.trainer.render import Encoded
+from hatrack.trainer.runtime import Runtime
+
+
+class TrainingInterrupted(HatrackError):
+    """Ctrl-C during training: the last checkpoint is kept for --resume."""
+
+
+@dataclass
+class LoopSettings:
+    epochs: float
+    max_steps: int | None
+    lr: float
+    batch_size: int
+    max_length: int
+    seed: int
+    save_steps: int | None
+    padding_free: bool = False
+    warmup_ratio: float = 0.05
+
+
+@dataclass
+class LoopResult:
+    steps: int
+    final_loss: float
+    runtime_s: float
+    tokens: int  # input tokens processed (no padding)
+    loss_curve: list[list[float]] = field(default_factory=list)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.runtime_s if self.runtime_s > 0 else 0.0
+
+
+def planned_steps(rows: int, settings: LoopSettings) -> int:
+    if settings.max_steps:
+        return settings.max_steps
+    return max(1, math.ceil(math.ceil(rows / settings.batch_size) * settings.epochs))
+
+
+def last_checkpoint(run_dir: Path) -> Path | None:
+    found = [p for p in Path(run_dir).glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
+    complete = [p for p in found if (p / "trainer_state.json").is_file()]  # a kill mid-save leaves no state file
+    return max(complete, key=lambda p: int(p.name.split("-")[-1]), default=None)
+
+
+def _callbacks(total: int, progress: bool, stop_flag: dict):
+    from transformers import TrainerCallback
+
+    class Progress(TrainerCallback):
+        """A bar with the latest loss, and the step/token counters."""
+
+        def __init__(self) -> None:
+            self.bar = None
+
+        def on_train_begin(self, args, state, control, **kw):
+            if progress:
+                from tqdm.auto import tqdm
+
+                self.bar = tqdm(total=total, initial=state.global_step, desc="training", unit="step", dynamic_ncols=True)
+
+        def on_step_end(self, args, state, control, **kw):
+            if self.bar is not None:
+                self.bar.update(state.global_step - self.bar.n)
+            if stop_flag.get("stop"):
+                control.should_save = True
+                control.should_training_stop = True
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if self.bar is not None and logs and "loss" in logs:
+                self.bar.set_postfix(loss=f"{logs['loss']:.4f}")
+
+        def on_train_end(self, args, state, control, **kw):
+            if self.bar is not None:
+                self.bar.close()
+
+    return [Progress()]
+
+
+def run(
+    model,
+    tokenizer,
+    train_rows: list[Encoded],
+    runtime: Runtime,
+    settings: LoopSettings,
+    run_dir: Path,
+    *,
+    resume_from: Path | None = None,
+    progress: bool = True,
+) -> LoopResult:
+    """Train `model` (a PEFT model) in place; return what the run measured."""
+    import warnings
+
+    import datasets
+    from trl import SFTConfig, SFTTrainer
+
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\.")
+
+    total = planned_steps(len(train_rows), settings)
+    dataset = datasets.Dataset.from_dict(
+        {"input_ids": [r.input_ids for r in train_rows], "labels": [r.labels for r in train_rows]}
+    )
+    config = SFTConfig(
+        output_dir=str(run_dir),
+        per_device_train_batch_size=settings.batch_size,
+        num_train_epochs=settings.epochs,
+        max_steps=settings.max_steps or -1,
+        learning_rate=settings.lr,
+        lr_scheduler_type="linear",
+        warmup_steps=max(0, round(total * settings.warmup_ratio)),
+        seed=settings.seed,
+        data_seed=settings.seed,
+        # rows arrive truncated to max_length already (render.encode)
+        max_length=None if settings.padding_free else settings.max_length,
+        padding_free=settings.padding_free,
+        shuffle_dataset=False,  # the trainer's seeded sampler shuffles every epoch
+        gradient_checkpointing=False,
+        bf16=runtime.bf16,
+        fp16=runtime.fp16,
+        use_cpu=runtime.device == "cpu",
+        logging_steps=max(1, total // 200),
+        save_strategy="steps" if settings.save_steps else "no",
+        save_steps=settings.save_steps or 500,
+        save_total_limit=2,
+        report_to=[],
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+        dataset_num_proc=None,
+        optim="adamw_torch",
+        # padding-free batches hold no padding; padded ones are counted by their attention mask
+        include_num_input_tokens_seen="all" if settings.padding_free else "non_padding",
+    )
+    stop_flag: dict[str, Any] = {}
+    trainer = SFTTrainer(
+        model=model,
+        args=config,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        callbacks=_callbacks(total, progress, stop_flag),
+    )
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)  # our bar shows the loss; no dict per step on stdout
+    start_tokens = 0
+    if resume_from is not None:
+        import json
+
+        saved = json.loads((resume_from / "trainer_state.json").read_text())
+        start_tokens = int(saved.get("num_input_tokens_seen", 0))
+
+    def _on_sigint(signum, frame):
+        if stop_flag.get("stop"):  # a second Ctrl-C: stop right now
+            raise KeyboardInterrupt
+        stop_flag["stop"] = True
+
+    previous = signal.signal(signal.SIGINT, _on_sigint) if _main_thread() else None
+    started = time.perf_counter()
+    try:
+        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+    runtime_s = time.perf_counter() - started
+    state = trainer.state
+    if stop_flag.get("stop"):
+        raise TrainingInterrupted(
+            f"interrupted at step {state.global_step} of {total}; checkpoint kept, run the same command with --resume"
+        )
+    curve = [[int(e["step"]), float(e["loss"])] for e in state.log_history if "loss" in e and "step" in e]
+    tokens = int(state.num_input_tokens_seen) - start_tokens  # by this process (runtime_s is too)
+    trainer.accelerator.free_memory()
+    return LoopResult(
+        steps=state.global_step,
+        final_loss=curve[-1][1] if curve else float("nan"),
+        runtime_s=runtime_s,
+        tokens=tokens,
+        loss_curve=curve,
+    )
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
