@@ -1,0 +1,392 @@
+"""The Engine: continuous batching of many requests, each with its own adapter or
+none, over one base model, on a background scheduler thread.
+
+Each scheduler iteration admits waiting requests (prefilling each one, which yields
+its first token), then runs one decode step over every running sequence; finished and
+cancelled sequences leave at once, so a short request never waits for a long one.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from hatrack.server.engine.adapters import AdapterCache
+from hatrack.server.engine.errors import (
+    EngineError,
+    EngineStoppedError,
+    InvalidRequestError,
+    PromptTooLongError,
+    QueueFullError,
+)
+from hatrack.server.engine.handle import RequestHandle
+from hatrack.server.engine.model import LlamaRunner
+from hatrack.server.engine.sampling import make_generator, pick_tokens
+from hatrack.server.engine.slots import RowBank, SlotBank, lora_dtype_for
+from hatrack.server.engine.types import AdapterSpec, EngineStats, SamplingParams, TokenEvent
+
+log = logging.getLogger("hatrack.engine")
+
+PREFILL_TOKEN_BUDGET = 4096  # prompt tokens prefilled per iteration before decoding again
+
+
+@dataclass(eq=False)
+class _Sequence:
+    handle: RequestHandle
+    prompt: list[int]
+    adapter: AdapterSpec | None
+    params: SamplingParams
+    generator: torch.Generator | None
+    stop_ids: frozenset[int]
+    slot: int = 0
+    length: int = 0  # positions in the KV cache
+    generated: int = 0
+    last: int = 0  # the token to feed at the next decode step
+    admitted: bool = False  # prefilled (no longer counted as queued)
+    wanting: bool = False  # counted in the adapter cache's wanted set
+    submitted: float = field(default_factory=time.monotonic)
+
+
+class Engine:
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        *,
+        max_loaded: int = 8,
+        max_host: int = 64,
+        max_batch: int = 32,
+        max_context: int | None = None,
+        max_rank: int = 64,
+        max_waiting: int = 256,
+    ):
+        if max_loaded < 1 or max_batch < 1 or max_rank < 1 or max_waiting < 1:
+            raise EngineError("max_loaded, max_batch, max_rank and max_waiting must be at least 1")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_batch = max_batch
+        self.max_waiting = max_waiting
+        self.runner = LlamaRunner(model, max_batch=max_batch, max_context=max_context)
+        lora_dtype = lora_dtype_for(self.runner.device, self.runner.dtype)
+        self.bank = SlotBank(self.runner.layers, max_loaded, max_rank, lora_dtype, self.runner.device)
+        self.rows = RowBank(self.bank, max_batch)
+        self.cache = AdapterCache(self.bank, max_host, on_ready=self._kick)
+        self._cond = threading.Condition()
+        self._inbox: list[_Sequence] = []
+        self._waiting: deque[_Sequence] = deque()  # scheduler thread only
+        self._running: list[_Sequence] = []  # scheduler thread only; index = cache row
+        self._queued = 0  # submitted, not yet admitted or finished (guarded by _cond)
+        self._kicked = False
+        self._accepting = True
+        self._deadline: float | None = None  # set by stop()
+        self._thread: threading.Thread | None = None
+        self._steps = 0
+        self._tokens_generated = 0
+        self._prefill_tokens = 0
+        self._prefill_seconds = 0.0
+        self._decode_seconds = 0.0
+
+    # ------------------------------------------------------------ public API
+
+    @property
+    def context_length(self) -> int:
+        return self.runner.context_length
+
+    @property
+    def device(self) -> torch.device:
+        return self.runner.device
+
+    def start(self) -> None:
+        """Start the scheduler thread (idempotent)."""
+        if self._thread is None:
+            threads = torch.get_num_threads()
+            self._thread = threading.Thread(target=self._loop, args=(threads,), name="hatrack-engine", daemon=True)
+            self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Admit nothing more; cancel the waiting requests; let running ones finish for
+        up to `timeout` seconds, then cancel the rest."""
+        with self._cond:
+            self._accepting = False
+            self._deadline = time.monotonic() + timeout
+            self._kicked = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout + 30.0)
+        else:
+            self._drain_inbox()
+            for seq in list(self._waiting):
+                self._finish(seq, "cancelled")
+            self._waiting.clear()
+        self.cache.shutdown()
+
+    def __enter__(self) -> "Engine":
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def submit(
+        self,
+        prompt_ids: list[int],
+        adapter: AdapterSpec | None,
+        params: SamplingParams,
+        *,
+        request_id: str | None = None,
+    ) -> RequestHandle:
+        """Queue a request; safe from any thread, including an asyncio loop's (it never
+        blocks on model work). Raises QueueFullError, PromptTooLongError,
+        InvalidRequestError or EngineStoppedError."""
+        prompt = [int(t) for t in prompt_ids]
+        self._validate(prompt, params)
+        handle = RequestHandle(request_id or f"req-{uuid.uuid4().hex[:16]}", len(prompt), self._kick)
+        seq = _Sequence(
+            handle=handle,
+            prompt=prompt,
+            adapter=adapter,
+            params=params,
+            generator=make_generator(params, self.runner.device),
+            stop_ids=frozenset(int(t) for t in params.stop_token_ids),
+        )
+        with self._cond:
+            if not self._accepting:
+                raise EngineStoppedError("the engine is stopping and admits no new requests")
+            if self._queued >= self.max_waiting:
+                raise QueueFullError(f"the engine's queue is full ({self.max_waiting} requests waiting)")
+            self._queued += 1
+            self._inbox.append(seq)
+            if adapter is not None:
+                seq.wanting = True
+                self.cache.want(adapter)  # starts a cold adapter loading while the request queues
+            self._kicked = True
+            self._cond.notify_all()
+        return handle
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            queue_depth=self._queued,
+            running=len(self._running),
+            loaded_adapters=self.cache.loaded_keys(),
+            adapter_load_seconds=list(self.cache.load_seconds),
+            steps=self._steps,
+            tokens_generated=self._tokens_generated,
+            host_adapters=self.cache.host_keys(),
+            prefill_tokens=self._prefill_tokens,
+            prefill_seconds=self._prefill_seconds,
+            decode_seconds=self._decode_seconds,
+        )
+
+    # ------------------------------------------------------------ checks
+
+    def _validate(self, prompt: list[int], params: SamplingParams) -> None:
+        if not prompt:
+            raise InvalidRequestError("prompt is empty: at least one token is needed")
+        if len(prompt) + 1 > self.context_length:
+            raise PromptTooLongError(
+                f"prompt has {len(prompt)} tokens; the context holds {self.context_length}, "
+                f"so at most {self.context_length - 1} leave room for an answer"
+            )
+        vocab = self.runner.vocab_size
+        bad = next((t for t in prompt if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise InvalidRequestError(f"prompt token id {bad} is outside the vocabulary (0..{vocab - 1})")
+        if not isinstance(params.max_tokens, int) or params.max_tokens < 1:
+            raise InvalidRequestError(f"max_tokens must be a positive integer, got {params.max_tokens!r}")
+        if not params.temperature >= 0:
+            raise InvalidRequestError(f"temperature must be >= 0, got {params.temperature!r}")
+        if not 0 < params.top_p <= 1:
+            raise InvalidRequestError(f"top_p must be in (0, 1], got {params.top_p!r}")
+
+    # ------------------------------------------------------------ scheduler thread
+
+    def _kick(self) -> None:
+        with self._cond:
+            self._kicked = True
+            self._cond.notify_all()
+
+    def _drain_inbox(self) -> None:
+        with self._cond:
+            self._waiting.extend(self._inbox)
+            self._inbox.clear()
+
+    def _wait_for_work(self, blocked: bool) -> None:
+        """Sleep until something can happen: a submit, a cancel, a finished load, stop().
+        `blocked`: requests wait (for a load or a slot) and nothing runs."""
+        with self._cond:
+            if blocked:
+                if not self._kicked:
+                    self._cond.wait(timeout=0.5)
+            else:
+                while not (self._kicked or self._inbox or self._running or self._waiting):
+                    self._cond.wait()
+            self._kicked = False
+            self._waiting.extend(self._inbox)
+            self._inbox.clear()
+
+    def _loop(self, threads: int) -> None:
+        # OpenMP thread counts are per thread: use the starting thread's setting
+        torch.set_num_threads(threads)
+        blocked = False
+        with torch.inference_mode():
+            while True:
+                self._wait_for_work(blocked)
+                if self._deadline is not None and self._shutdown_step():
+                    return
+                try:
+                    self._reap_cancelled()
+                    admitted = self._admit()
+                    if self._running:
+                        self._decode_step()
+                    blocked = not self._running and not admitted and bool(self._waiting)
+                except Exception as exc:  # a bug or out-of-memory: fail what ran, keep serving
+                    log.exception("engine step failed")
+                    for seq in list(self._running):
+                        self._finish(seq, "error", exc)
+                    self._running.clear()
+
+    def _shutdown_step(self) -> bool:
+        """While stopping: drop waiting requests; True once nothing runs or time is up."""
+        for seq in self._waiting:
+            self._finish(seq, "cancelled")
+        self._waiting.clear()
+        if self._running and time.monotonic() < self._deadline:
+            return False
+        for seq in self._running:
+            self._finish(seq, "cancelled")
+        self._running.clear()
+        return True
+
+    def _reap_cancelled(self) -> None:
+        if any(s.handle.cancelled for s in self._waiting):
+            keep = deque()
+            for seq in self._waiting:
+                if seq.handle.cancelled:
+                    self._finish(seq, "cancelled")
+                else:
+                    keep.append(seq)
+            self._waiting = keep
+        done = [i for i, s in enumerate(self._running) if s.handle.cancelled]
+        if done:
+            for i in done:
+                self._finish(self._running[i], "cancelled")
+            self._remove_rows(done)
+
+    def _admit(self) -> int:
+        """Prefill waiting requests in arrival order while rows are free; a request whose
+        adapter is still loading (or finds every slot pinned) waits without blocking
+        the ones behind it."""
+        admitted, budget = 0, PREFILL_TOKEN_BUDGET
+        keep: deque[_Sequence] = deque()
+        while self._waiting:
+            seq = self._waiting.popleft()
+            if len(self._running) >= self.max_batch or (admitted and budget < len(seq.prompt)):
+                keep.append(seq)
+                keep.extend(self._waiting)
+                self._waiting.clear()
+                break
+            if seq.adapter is not None:
+                got = self.cache.acquire(seq.adapter)
+                if got is None:
+                    keep.append(seq)
+                    continue
+                self._unwant(seq)
+                if isinstance(got, BaseException):
+                    self._finish(seq, "error", got)
+                    continue
+                seq.slot = got
+            try:
+                self._prefill(seq)
+            except Exception as exc:
+                log.exception("prefill failed for %s", seq.handle.request_id)
+                if seq in self._running:
+                    self._remove_rows([self._running.index(seq)])
+                self._finish(seq, "error", exc)
+                continue
+            admitted += 1
+            budget -= len(seq.prompt)
+        self._waiting = keep
+        return admitted
+
+    def _prefill(self, seq: _Sequence) -> None:
+        with self._cond:
+            self._queued -= 1
+        seq.admitted = True
+        row = len(self._running)
+        self._running.append(seq)
+        started = time.perf_counter()
+        logits = self.runner.prefill(row, seq.prompt, self.bank, seq.slot)
+        seq.length = len(seq.prompt)
+        self._prefill_tokens += seq.length
+        token = pick_tokens(logits[None], [seq.params], [seq.generator])[0]
+        self._prefill_seconds += time.perf_counter() - started
+        if self._accept(seq, token):
+            self._remove_rows([row])
+
+    def _decode_step(self) -> None:
+        running = self._running
+        started = time.perf_counter()
+        logits = self.runner.decode(
+            [s.last for s in running], [s.length for s in running], self.rows, [s.slot for s in running]
+        )
+        for seq in running:
+            seq.length += 1
+        tokens = pick_tokens(logits, [s.params for s in running], [s.generator for s in running])
+        self._decode_seconds += time.perf_counter() - started
+        self._steps += 1
+        done = [i for i, (seq, tok) in enumerate(zip(running, tokens)) if self._accept(seq, tok)]
+        if done:
+            self._remove_rows(done)
+
+    def _accept(self, seq: _Sequence, token: int) -> bool:
+        """Record a sampled token; True if the sequence is finished."""
+        self._tokens_generated += 1
+        if token in seq.stop_ids:  # a stop token ends the answer and is not part of it
+            self._finish(seq, "stop")
+            return True
+        seq.generated += 1
+        seq.last = token
+        # prompt + answer never exceed the context: the cache holds `length` tokens and
+        # this one would take the next position
+        if seq.generated >= seq.params.max_tokens or seq.length + 1 >= self.context_length:
+            self._finish(seq, "length", token=token)
+            return True
+        seq.handle._emit(TokenEvent(token))
+        return False
+
+    def _remove_rows(self, rows: list[int]) -> None:
+        """Drop finished rows, moving the last rows into the holes so the batch stays
+        in cache rows 0..N-1."""
+        for i in sorted(rows, reverse=True):
+            last = len(self._running) - 1
+            if i != last:
+                moved = self._running[last]
+                self.runner.move_row(last, i, moved.length)
+                self._running[i] = moved
+            self._running.pop()
+
+    def _unwant(self, seq: _Sequence) -> None:
+        if seq.wanting:
+            seq.wanting = False
+            self.cache.unwant(seq.adapter.key)
+
+    def _finish(
+        self, seq: _Sequence, reason: str, error: BaseException | None = None, token: int | None = None
+    ) -> None:
+        """Send the final event and give back what the sequence held (queue place,
+        adapter want, slot pin). The caller removes its batch row if it had one."""
+        if not seq.admitted:
+            seq.admitted = True
+            with self._cond:
+                self._queued -= 1
+        self._unwant(seq)
+        if seq.slot:
+            self.cache.release(seq.slot)
+            seq.slot = 0
+        seq.handle._emit(TokenEvent(token, reason, error))

@@ -1,0 +1,176 @@
+"""A Llama-family forward pass over a loaded Hugging Face model's own modules, with a
+per-row KV cache and the slot LoRA term added after each base projection.
+
+Every base projection module is called as-is, so bitsandbytes 4-bit/8-bit layers work
+unchanged. Prefill runs one sequence; decode runs one new token for each of the rows
+0..N-1 of the cache, so the running batch always occupies the first N cache rows.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from hatrack.server.engine.errors import EngineError
+from hatrack.server.engine.slots import RowBank, SlotBank
+
+SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
+_MIN_CAPACITY = 256
+# Decode attends over a window rounded up to this many positions. torch's CPU attention
+# kernel then gives a row the same bits whatever the window (the extra positions are
+# masked), so a row's answer does not depend on the lengths of the rows beside it.
+WINDOW_STEP = 64
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class LlamaRunner:
+    def __init__(self, model, *, max_batch: int, max_context: int | None):
+        config = model.config
+        if getattr(config, "model_type", None) not in SUPPORTED:
+            raise EngineError(
+                f"model type {getattr(config, 'model_type', None)!r} is not served by the engine; "
+                f"expected one of {', '.join(SUPPORTED)}"
+            )
+        inner = model.model
+        self.embed = inner.embed_tokens
+        self.layers = list(inner.layers)
+        self.norm = inner.norm
+        self.rotary = inner.rotary_emb
+        self.lm_head = model.lm_head
+        self.n_heads = int(config.num_attention_heads)
+        self.n_kv = int(getattr(config, "num_key_value_heads", None) or self.n_heads)
+        self.head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // self.n_heads)
+        self.n_rep = self.n_heads // self.n_kv
+        self.scaling = float(self.layers[0].self_attn.scaling)
+        self.vocab_size = int(config.vocab_size)
+        self.device = self.embed.weight.device
+        self.dtype = self.embed.weight.dtype
+        limit = int(getattr(config, "max_position_embeddings", 0) or 0) or 2048
+        self.context_length = min(int(max_context), limit) if max_context else limit
+        self.max_batch = max_batch
+        self.capacity = 0
+        self.k_cache: list[torch.Tensor] = []
+        self.v_cache: list[torch.Tensor] = []
+        self._rows = torch.arange(max_batch, device=self.device)
+        self.max_capacity = -(-self.context_length // WINDOW_STEP) * WINDOW_STEP
+        self._cols = torch.arange(self.max_capacity, device=self.device)
+        self._q_norm = [getattr(layer.self_attn, "q_norm", None) for layer in self.layers]
+        self._k_norm = [getattr(layer.self_attn, "k_norm", None) for layer in self.layers]
+
+    # ------------------------------------------------------------ KV cache
+
+    def ensure_capacity(self, length: int) -> None:
+        """Grow every layer's cache to hold `length` positions (doubling, so growth is
+        rare; memory follows the longest sequence seen, not the context limit)."""
+        if length <= self.capacity:
+            return
+        new = min(self.max_capacity, max(length, _MIN_CAPACITY, 2 * self.capacity))
+        shape = (self.max_batch, self.n_kv, new, self.head_dim)
+        for caches in (self.k_cache, self.v_cache):
+            for i in range(len(self.layers)):
+                fresh = torch.zeros(shape, dtype=self.dtype, device=self.device)
+                if self.capacity:
+                    fresh[:, :, : self.capacity].copy_(caches[i])
+                if i < len(caches):
+                    caches[i] = fresh
+                else:
+                    caches.append(fresh)
+        self.capacity = new
+
+    def move_row(self, src: int, dst: int, length: int) -> None:
+        """Copy a sequence's cache row (keeps the running batch in rows 0..N-1)."""
+        for cache in (*self.k_cache, *self.v_cache):
+            cache[dst, :, :length].copy_(cache[src, :, :length])
+
+    # ------------------------------------------------------------ forward
+
+    def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        return x * cos + _rotate_half(x) * sin
+
+    def _mlp(self, layer, i: int, x: torch.Tensor, lora) -> torch.Tensor:
+        h = layer.post_attention_layernorm(x)
+        mlp = layer.mlp
+        gate, up = mlp.gate_proj(h), mlp.up_proj(h)
+        lora(i, "gate_up", h, (gate, up))
+        m = mlp.act_fn(gate) * up
+        down = mlp.down_proj(m)
+        lora(i, "down", m, (down,))
+        return x + down
+
+    def prefill(self, row: int, ids: list[int], bank: SlotBank, slot: int) -> torch.Tensor:
+        """Run a prompt through the model into cache row `row`; the last position's logits [vocab]."""
+        n = len(ids)
+        self.ensure_capacity(n)
+        lora = (lambda i, g, x, outs: bank.apply_slot(slot, i, g, x, outs)) if slot else (lambda *a: None)
+        x = self.embed(torch.tensor(ids, device=self.device))
+        cos, sin = self.rotary(x[None], torch.arange(n, device=self.device)[None])
+        cos, sin = cos[0], sin[0]  # [n, head_dim], broadcast over heads
+        for i, layer in enumerate(self.layers):
+            attn = layer.self_attn
+            h = layer.input_layernorm(x)
+            q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
+            lora(i, "qkv", h, (q, k, v))
+            q = q.view(n, self.n_heads, self.head_dim)
+            k = k.view(n, self.n_kv, self.head_dim)
+            if self._q_norm[i] is not None:
+                q, k = self._q_norm[i](q), self._k_norm[i](k)
+            q = self._rope(q.transpose(0, 1), cos, sin)  # [heads, n, d]
+            k = self._rope(k.transpose(0, 1), cos, sin)
+            v = v.view(n, self.n_kv, self.head_dim).transpose(0, 1)
+            self.k_cache[i][row, :, :n] = k
+            self.v_cache[i][row, :, :n] = v
+            o = F.scaled_dot_product_attention(
+                q[None], k[None], v[None], is_causal=True, scale=self.scaling, enable_gqa=self.n_rep > 1
+            )
+            o = o[0].transpose(0, 1).reshape(n, self.n_heads * self.head_dim)
+            a = attn.o_proj(o)
+            lora(i, "o", o, (a,))
+            x = self._mlp(layer, i, x + a, lora)
+        return self.lm_head(self.norm(x[-1:]))[0]
+
+    def decode(self, tokens: list[int], positions: list[int], rows: RowBank, slots: list[int]) -> torch.Tensor:
+        """One new token for each of the rows 0..N-1; tokens[r] goes to position
+        positions[r] of row r. Returns logits [N, vocab]."""
+        n = len(tokens)
+        length = -(-(max(positions) + 1) // WINDOW_STEP) * WINDOW_STEP
+        self.ensure_capacity(length)
+        lora = (lambda i, g, x, outs: rows.apply(n, i, g, x, outs)) if rows.prepare(slots) else (lambda *a: None)
+        tok = torch.tensor(tokens, device=self.device)
+        pos = torch.tensor(positions, device=self.device)
+        row_ids = self._rows[:n]
+        # attend to positions 0..pos[r] of row r; the rest of the window is masked
+        mask = (self._cols[None, :length] <= pos[:, None]).view(n, 1, 1, length)
+        x = self.embed(tok)
+        cos, sin = self.rotary(x[:, None], pos[:, None])  # [n, 1, head_dim]
+        for i, layer in enumerate(self.layers):
+            attn = layer.self_attn
+            h = layer.input_layernorm(x)
+            q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
+            lora(i, "qkv", h, (q, k, v))
+            q = q.view(n, self.n_heads, self.head_dim)
+            k = k.view(n, self.n_kv, self.head_dim)
+            if self._q_norm[i] is not None:
+                q, k = self._q_norm[i](q), self._k_norm[i](k)
+            q = self._rope(q, cos, sin)
+            k = self._rope(k, cos, sin)
+            k_cache, v_cache = self.k_cache[i], self.v_cache[i]
+            k_cache[row_ids, :, pos] = k
+            v_cache[row_ids, :, pos] = v.view(n, self.n_kv, self.head_dim)
+            # GQA without copies: the n_rep query heads sharing a KV head become that
+            # head's n_rep "query positions" (one token each, so no causal mask needed)
+            o = F.scaled_dot_product_attention(
+                q.view(n, self.n_kv, self.n_rep, self.head_dim),
+                k_cache[:n, :, :length],
+                v_cache[:n, :, :length],
+                attn_mask=mask,
+                scale=self.scaling,
+            )
+            o = o.reshape(n, self.n_heads * self.head_dim)
+            a = attn.o_proj(o)
+            lora(i, "o", o, (a,))
+            x = self._mlp(layer, i, x + a, lora)
+        return self.lm_head(self.norm(x))

@@ -1,0 +1,197 @@
+"""Adapter weights in stacked per-layer "slot" tensors, and their per-row gather.
+
+SlotBank is the device tier of the adapter cache. For each target module it holds
+A [layers, slots+1, in, rank] (the modules of a group side by side in the last
+dimension) and B [layers, slots+1, rank, out] with the scaling folded into B. Slot 0 is all zeros and means "no adapter" (never an index of -1).
+Loading an adapter is a copy into a free slot. Smaller ranks are zero-padded and
+modules an adapter does not target stay zero.
+
+RowBank is the gather of those slots by batch row: row r holds a copy of its
+sequence's slot, so applying N different adapters is one batched matmul for the
+shrink of each group of modules sharing an input (q/k/v, o, gate/up, down) and one
+batched matmul per module for the expand. The gather is redone for a row only when
+the row gets a new sequence, not at every step: in steady decoding it costs nothing.
+Each row's result comes from its own batch entry of the matmul, so it does not depend
+on which other rows share the batch.
+
+On CPU the LoRA weights and matmuls are fp32: torch's batched matmul is several times
+faster there in fp32 than in bf16, and the term is added to the base output in the
+model's dtype.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from hatrack.server.engine.errors import AdapterFormatError
+from hatrack.server.engine.lora import LoraWeights
+
+# (group, module suffixes): the modules of a group read the same input
+GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("qkv", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+    ("o", ("self_attn.o_proj",)),
+    ("gate_up", ("mlp.gate_proj", "mlp.up_proj")),
+    ("down", ("mlp.down_proj",)),
+)
+SUFFIXES = dict(GROUPS)
+_GROUP_OF = {suffix: group for group, suffixes in GROUPS for suffix in suffixes}
+_MODULE = re.compile(r"^(?:.*\.)?layers\.(\d+)\.(.+)$")
+_RANK_STEP = 8  # bank rank grows in multiples of this
+
+
+def lora_dtype_for(device: torch.device, model_dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if device.type == "cpu" else model_dtype
+
+
+class SlotBank:
+    """A [layers, slots+1, in, n_modules * rank] per group (its modules side by side,
+    so a group's shrink is one matmul) and B [layers, slots+1, rank, out] per module."""
+
+    def __init__(self, layers, n_slots: int, max_rank: int, dtype: torch.dtype, device: torch.device):
+        self.n_layers = len(layers)
+        self.n_slots = n_slots
+        self.max_rank = max_rank
+        self.dtype, self.device = dtype, device
+        self.in_dim: dict[str, int] = {}
+        self.out_dim: dict[str, int] = {}
+        for group, suffixes in GROUPS:
+            for suffix in suffixes:
+                module = layers[0].get_submodule(suffix)
+                self.in_dim[group] = int(module.in_features)
+                self.out_dim[suffix] = int(module.out_features)
+        self.rank = 0  # 0 until the first adapter is written
+        self.A: dict[str, torch.Tensor] = {}
+        self.B: dict[str, torch.Tensor] = {}
+        self.slot_groups: list[frozenset[str]] = [frozenset()] * (n_slots + 1)
+        self.version = [0] * (n_slots + 1)  # bumped on every write: stale row copies are redone
+
+    def check(self, weights: LoraWeights, name: str) -> None:
+        """Raise AdapterFormatError unless `weights` fits this model and the bank."""
+        if weights.rank > self.max_rank:
+            raise AdapterFormatError(f"adapter {name}: rank {weights.rank} exceeds the engine's max_rank {self.max_rank}")
+        if not weights.modules:
+            raise AdapterFormatError(f"adapter {name}: holds no modules")
+        for module, (a, b) in weights.modules.items():
+            match = _MODULE.match(module)
+            if not match or match[2] not in _GROUP_OF:
+                raise AdapterFormatError(
+                    f"adapter {name}: module {module!r} is not a q/k/v/o/gate/up/down projection the engine can serve"
+                )
+            layer, suffix = int(match[1]), match[2]
+            if layer >= self.n_layers:
+                raise AdapterFormatError(f"adapter {name}: module {module!r} names layer {layer}; the base has {self.n_layers}")
+            want_in, want_out = self.in_dim[_GROUP_OF[suffix]], self.out_dim[suffix]
+            if a.dim() != 2 or b.dim() != 2 or a.shape[1] != want_in or b.shape[0] != want_out or a.shape[0] != b.shape[1]:
+                raise AdapterFormatError(
+                    f"adapter {name}: module {module!r} has A {list(a.shape)} and B {list(b.shape)}, "
+                    f"expected A [r, {want_in}] and B [{want_out}, r]"
+                )
+            if a.shape[0] > self.max_rank:
+                raise AdapterFormatError(f"adapter {name}: module {module!r} rank {a.shape[0]} exceeds max_rank {self.max_rank}")
+
+    def write(self, slot: int, weights: LoraWeights) -> None:
+        """Copy an adapter (already checked) into `slot`, replacing what was there."""
+        assert 1 <= slot <= self.n_slots
+        if weights.rank > self.rank:
+            self._grow(weights.rank)
+        for group, suffixes in GROUPS:
+            self.A[group][:, slot].zero_()
+            for suffix in suffixes:
+                self.B[suffix][:, slot].zero_()
+        groups = set()
+        rank = self.rank
+        for module, (a, b) in weights.modules.items():
+            match = _MODULE.match(module)
+            layer, suffix = int(match[1]), match[2]
+            group = _GROUP_OF[suffix]
+            j = SUFFIXES[group].index(suffix)
+            r = a.shape[0]
+            self.A[group][layer, slot, :, j * rank : j * rank + r].copy_(a.to(torch.float32).t())
+            self.B[suffix][layer, slot, :r].copy_(b.to(torch.float32).t() * weights.scaling)
+            groups.add(group)
+        self.slot_groups[slot] = frozenset(groups)
+        self.version[slot] += 1
+
+    def _grow(self, rank: int) -> None:
+        new = min(self.max_rank, -(-rank // _RANK_STEP) * _RANK_STEP)
+        old = self.rank
+        kw = dict(dtype=self.dtype, device=self.device)
+        s1 = self.n_slots + 1
+        for group, suffixes in GROUPS:
+            a = torch.zeros(self.n_layers, s1, self.in_dim[group], len(suffixes) * new, **kw)
+            for j in range(len(suffixes) if old else 0):
+                a[..., j * new : j * new + old].copy_(self.A[group][..., j * old : (j + 1) * old])
+            self.A[group] = a
+            for suffix in suffixes:
+                b = torch.zeros(self.n_layers, s1, new, self.out_dim[suffix], **kw)
+                if old:
+                    b[:, :, :old].copy_(self.B[suffix])
+                self.B[suffix] = b
+        self.rank = new
+
+    def apply_slot(self, slot: int, layer: int, group: str, x: torch.Tensor, outs: tuple[torch.Tensor, ...]) -> None:
+        """outs[j] += LoRA term of one slot's module j of `group` for every row of x (a prefill)."""
+        if slot == 0 or group not in self.slot_groups[slot]:
+            return
+        r = self.rank
+        xa = x.to(self.dtype) @ self.A[group][layer, slot]  # [rows, n_modules * r]
+        for j, (suffix, y) in enumerate(zip(SUFFIXES[group], outs)):
+            y.add_(xa[:, j * r : (j + 1) * r] @ self.B[suffix][layer, slot])
+
+
+class RowBank:
+    """Per-row copies of slots: A [layers, rows, in, n_modules * rank] per group (the
+    group's modules side by side) and B [layers, rows, rank, out] per module."""
+
+    def __init__(self, slots: SlotBank, max_rows: int):
+        self.slots = slots
+        self.max_rows = max_rows
+        self.capacity = 0
+        self.rank = 0
+        self.A: dict[str, torch.Tensor] = {}
+        self.B: dict[str, torch.Tensor] = {}
+        self._held: list[tuple[int, int] | None] = []  # row -> (slot, slot version) it holds
+        self._groups: frozenset[str] = frozenset()
+
+    def _allocate(self, rows: int) -> None:
+        s = self.slots
+        new = min(self.max_rows, max(rows, 8, 2 * self.capacity))
+        kw = dict(dtype=s.dtype, device=s.device)
+        for group, suffixes in GROUPS:
+            self.A[group] = torch.zeros(s.n_layers, new, s.in_dim[group], len(suffixes) * s.rank, **kw)
+            for suffix in suffixes:
+                self.B[suffix] = torch.zeros(s.n_layers, new, s.rank, s.out_dim[suffix], **kw)
+        self.capacity, self.rank = new, s.rank
+        self._held = [None] * new  # everything is gathered again
+
+    def _gather(self, row: int, slot: int) -> None:
+        s = self.slots
+        for group, suffixes in GROUPS:
+            self.A[group][:, row].copy_(s.A[group][:, slot])
+            for suffix in suffixes:
+                self.B[suffix][:, row].copy_(s.B[suffix][:, slot])
+        self._held[row] = (slot, s.version[slot])
+
+    def prepare(self, row_slots: list[int]) -> bool:
+        """Make rows 0..N-1 hold their slots' weights; False if no row uses an adapter."""
+        if max(row_slots) == 0:
+            return False
+        s = self.slots
+        if self.rank != s.rank or self.capacity < len(row_slots):
+            self._allocate(len(row_slots))
+        for row, slot in enumerate(row_slots):
+            if self._held[row] != (slot, s.version[slot]):
+                self._gather(row, slot)
+        self._groups = frozenset().union(*(s.slot_groups[slot] for slot in row_slots))
+        return True
+
+    def apply(self, n: int, layer: int, group: str, x: torch.Tensor, outs: tuple[torch.Tensor, ...]) -> None:
+        """outs[j] += each row's own LoRA term for module j of `group`; x is [n, in]."""
+        if group not in self._groups:
+            return
+        r = self.rank
+        xa = torch.bmm(x.to(self.slots.dtype)[:, None], self.A[group][layer, :n])  # [n, 1, n_modules * r]
+        for j, (suffix, y) in enumerate(zip(SUFFIXES[group], outs)):
+            y.add_(torch.bmm(xa[:, :, j * r : (j + 1) * r], self.B[suffix][layer, :n])[:, 0])
