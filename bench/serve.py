@@ -1,0 +1,187 @@
+"""Serving benchmark: hatrack's server over the OpenAI API vs the naive PEFT recipe.
+
+Starts `hatrack serve` (in-process uvicorn, loopback) on the default base with 8
+distinct random adapters, drives it with concurrent streaming clients, then runs the
+naive baseline in the same process: one request at a time, a PeftModel holding the
+8 adapters and `set_adapter` before each `generate`. Same base precision both sides.
+
+    python bench/serve.py [--quantize nf4] [--concurrency 8 32] [--requests 32] [--out FILE]
+
+Prints a markdown table (and writes it to --out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+QUESTION = "Write one sentence about bicycles and banks."
+NEW_TOKENS = 32
+
+
+def make_adapters(base_dir: Path, out: Path, n: int) -> list[Path]:
+    from conftest import write_peft_adapter
+
+    return [write_peft_adapter(base_dir, out / f"a{i}", rank=16, alpha=32, seed=100 + i, scale=0.02)
+            for i in range(n)]
+
+
+def drive(url: str, models: list[str], concurrency: int, total: int) -> dict:
+    """`total` streaming requests from `concurrency` client threads, models round-robin."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{url}/v1", api_key="bench", max_retries=0, timeout=600)
+
+    def one(i: int) -> tuple[float, float, int]:
+        start = time.perf_counter()
+        first = None
+        tokens = 0
+        stream = client.chat.completions.create(
+            model=models[i % len(models)], messages=[{"role": "user", "content": QUESTION}],
+            max_tokens=NEW_TOKENS, temperature=0, stream=True,
+            stream_options={"include_usage": True},
+        )
+        for chunk in stream:
+            if first is None and chunk.choices and chunk.choices[0].delta.content:
+                first = time.perf_counter() - start
+            if chunk.usage:
+                tokens = chunk.usage.completion_tokens
+        return time.perf_counter() - start, first or 0.0, tokens
+
+    started = time.perf_counter()
+    with cf.ThreadPoolExecutor(concurrency) as pool:
+        results = list(pool.map(one, range(total)))
+    wall = time.perf_counter() - started
+    latencies = sorted(r[0] for r in results)
+    return {
+        "tok_s": sum(r[2] for r in results) / wall,
+        "p50": statistics.median(latencies),
+        "p95": latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))],
+        "ttft_p50": statistics.median(r[1] for r in results),
+        "tokens": sum(r[2] for r in results),
+    }
+
+
+def naive_baseline(base_dir: Path, adapters: list[Path], quantize: str, total: int) -> dict:
+    """The tutorial way: one PeftModel, set_adapter before each request, one at a time."""
+    import torch
+    from peft import PeftModel
+
+    from hatrack import basemodel
+
+    model, tok = basemodel.load_base(base_dir, quantize=quantize, device="cpu")
+    peft = PeftModel.from_pretrained(model, adapters[0], adapter_name="a0")
+    for i, path in enumerate(adapters[1:], start=1):
+        peft.load_adapter(path, adapter_name=f"a{i}")
+    prompt = tok.apply_chat_template([{"role": "user", "content": QUESTION}],
+                                     add_generation_prompt=True, tokenize=False)
+    ids = tok(prompt, return_tensors="pt", add_special_tokens=False)
+    latencies, tokens = [], 0
+    started = time.perf_counter()
+    with torch.inference_mode():
+        for i in range(total):
+            t = time.perf_counter()
+            peft.set_adapter(f"a{i % len(adapters)}")
+            out = peft.generate(**ids, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+                                do_sample=False, pad_token_id=tok.eos_token_id)
+            tokens += out.shape[1] - ids["input_ids"].shape[1]
+            latencies.append(time.perf_counter() - t)
+    wall = time.perf_counter() - started
+    latencies.sort()
+    return {"tok_s": tokens / wall, "p50": statistics.median(latencies),
+            "p95": latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))],
+            "ttft_p50": float("nan"), "tokens": tokens}
+
+
+def time_to_new_adapter(url: str, registry, folder: Path, base: str) -> float:
+    """Seconds from register() to the first answer, minus a warm answer's own time."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{url}/v1", api_key="bench", max_retries=0)
+
+    def ask(model: str) -> float:
+        t = time.perf_counter()
+        client.chat.completions.create(model=model, messages=[{"role": "user", "content": QUESTION}],
+                                       max_tokens=8, temperature=0)
+        return time.perf_counter() - t
+
+    warm = statistics.median(ask("a0") for _ in range(3))
+    t = time.perf_counter()
+    registry.register(folder, name="fresh", base=base)
+    ask("fresh")
+    return time.perf_counter() - t - warm
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quantize", default="nf4", choices=["nf4", "none"])
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[8, 32])
+    parser.add_argument("--requests", type=int, default=32, help="requests per run")
+    parser.add_argument("--naive-requests", type=int, default=8)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+
+    home = Path(tempfile.mkdtemp(prefix="hatrack-bench-"))
+    os.environ["HATRACK_HOME"] = str(home)
+    os.environ.pop("HATRACK_DB_URL", None)
+    from hatrack import basemodel
+    from hatrack.registry import Registry
+    from hatrack.server.app import ServeConfig
+    from hatrack.server.background import BackgroundServer
+
+    registry = Registry()
+    base = basemodel.ensure_base(registry)
+    adapters = make_adapters(Path(base.path), home / "src", 9)
+    for i, folder in enumerate(adapters[:8]):
+        registry.register(folder, name=f"a{i}", base=base.name)
+    names = [f"a{i}" for i in range(8)]
+
+    rows = []
+    config = ServeConfig(quantize=args.quantize, device="cpu", max_loaded=8, max_batch=32)
+    with BackgroundServer(config, registry) as server:
+        drive(server.url, names, 8, 8)  # warm-up: loads all 8 adapters
+        for conc in args.concurrency:
+            total = max(args.requests, conc)
+            base_run = drive(server.url, [base.name], conc, total)
+            mixed = drive(server.url, names, conc, total)
+            rows.append((f"base only, c={conc}", base_run))
+            rows.append((f"8 adapters mixed, c={conc}", mixed))
+        new_adapter_s = time_to_new_adapter(server.url, registry, adapters[8], base.name)
+    naive = naive_baseline(Path(base.path), adapters[:8], args.quantize, args.naive_requests)
+    rows.append(("naive PEFT set_adapter, one at a time", naive))
+
+    lines = [
+        f"Serving benchmark — {date.today()} — `python bench/serve.py --quantize {args.quantize}` — "
+        f"{platform.machine()}, {os.cpu_count()} cores, torch threads default",
+        "",
+        "| run | output tok/s | p50 latency s | p95 latency s | p50 TTFT s |",
+        "|---|---|---|---|---|",
+    ]
+    for label, r in rows:
+        lines.append(f"| {label} | {r['tok_s']:.1f} | {r['p50']:.2f} | {r['p95']:.2f} | {r['ttft_p50']:.2f} |")
+    for conc in args.concurrency:
+        b = dict(rows)[f"base only, c={conc}"]["tok_s"]
+        m = dict(rows)[f"8 adapters mixed, c={conc}"]["tok_s"]
+        lines.append("")
+        lines.append(f"c={conc}: mixed / base-only = **{m / b:.2f}** (target >= 0.85); "
+                     f"mixed / naive = **{m / naive['tok_s']:.1f}x** (target >= 4)")
+    lines.append(f"\nregistration -> first answer of a new adapter, beyond the answer itself: "
+                 f"**{new_adapter_s:.3f} s** (target < 1 s)")
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

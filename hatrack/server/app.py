@@ -1,0 +1,207 @@
+"""The FastAPI app of `hatrack serve`: routes, start-up and shutdown.
+
+The base model loads on a background thread so /health answers at once and /ready
+says when the model is there; /v1 calls get 503 until then.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import FastAPI, Header, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse, Response
+
+from hatrack import settings
+from hatrack.registry import Registry
+from hatrack.server.auth import KeyGate, Unauthorized
+from hatrack.server.catalog import BaseMismatch, Catalog, ModelNotFound, Target
+from hatrack.server.completions import Job, Runner, sampling_params
+from hatrack.server.errors import APIError, bad_request, install_error_handlers, model_not_found
+from hatrack.server.metrics import ServerMetrics
+from hatrack.server.schemas import ChatCompletionRequest, CompletionRequest, error_body
+
+log = logging.getLogger("hatrack.server")
+
+
+@dataclass
+class ServeConfig:
+    base: str = settings.DEFAULT_BASE_NAME
+    quantize: str = "nf4"  # nf4 | int8 | none
+    device: str | None = None  # default: cuda if available, else cpu
+    max_loaded: int = 8  # adapters in device slots
+    max_host: int = 64  # adapters kept in host memory
+    max_batch: int = 32
+    max_waiting: int = 256
+    max_context: int | None = None
+    default_max_tokens: int = 256
+    shutdown_timeout: float = 30.0
+    engine_options: dict[str, Any] = field(default_factory=dict)
+
+
+class ServerState:
+    def __init__(self, config: ServeConfig, registry: Registry) -> None:
+        self.config = config
+        self.registry = registry
+        self.metrics = ServerMetrics()
+        self.gate = KeyGate(registry)
+        self.engine = None
+        self.tokenizer = None
+        self.catalog: Catalog | None = None
+        self.stop_ids: tuple[int, ...] = ()
+        self.load_error: str | None = None
+        self.ready = threading.Event()
+
+    def load(self) -> None:
+        """Load the base and start the engine (runs on a background thread)."""
+        try:
+            from hatrack import basemodel
+            from hatrack.server.engine import Engine
+
+            record = basemodel.ensure_base(self.registry, self.config.base)
+            model, tokenizer = basemodel.load_base(
+                record.path, quantize=self.config.quantize, device=self.config.device
+            )
+            engine = Engine(
+                model, tokenizer, max_loaded=self.config.max_loaded, max_host=self.config.max_host,
+                max_batch=self.config.max_batch, max_context=self.config.max_context,
+                max_waiting=self.config.max_waiting, **self.config.engine_options,
+            )
+            engine.start()
+            self.stop_ids = _stop_token_ids(tokenizer)
+            self.catalog = Catalog(self.registry, record.name, record.fingerprint)
+            self.tokenizer, self.engine = tokenizer, engine
+            self.ready.set()
+            log.info("ready: base %s (%s)", record.name, self.config.quantize)
+        except Exception as err:  # reported by /ready and every /v1 call
+            self.load_error = str(err).splitlines()[0] if str(err) else type(err).__name__
+            log.error("base model failed to load: %s", self.load_error)
+
+
+def _stop_token_ids(tokenizer) -> tuple[int, ...]:
+    ids = {tokenizer.eos_token_id}
+    for token in ("<|im_end|>", "<|eot_id|>", "<|end|>"):
+        tid = tokenizer.convert_tokens_to_ids(token)
+        if isinstance(tid, int) and tid != tokenizer.unk_token_id:
+            ids.add(tid)
+    return tuple(sorted(i for i in ids if i is not None))
+
+
+def create_app(config: ServeConfig | None = None, registry: Registry | None = None) -> FastAPI:
+    config = config or ServeConfig()
+    state = ServerState(config, registry or Registry())
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):
+        threading.Thread(target=state.load, name="hatrack-load", daemon=True).start()
+        yield
+        if state.engine is not None:
+            await run_in_threadpool(state.engine.stop, config.shutdown_timeout)
+
+    app = FastAPI(title="hatrack", version="0.1.0", lifespan=lifespan)
+    app.state.hatrack = state
+    install_error_handlers(app)
+
+    def require_ready() -> None:
+        if not state.ready.is_set():
+            why = f"the base model failed to load: {state.load_error}" if state.load_error else \
+                "the base model is still loading"
+            raise APIError(503, why, "server_error", "not_ready")
+
+    def caller(authorization: str | None):
+        try:
+            return state.gate.caller(authorization)
+        except Unauthorized as err:
+            raise APIError(401, str(err), "invalid_request_error", "invalid_api_key") from None
+
+    async def target_for(model: str, key) -> Target:
+        try:
+            return await run_in_threadpool(state.catalog.lookup, model, lambda n: state.gate.allows(key, n))
+        except ModelNotFound:
+            raise model_not_found(model) from None
+        except BaseMismatch as err:
+            raise bad_request(str(err), "model", "base_mismatch") from None
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready() -> JSONResponse:
+        if state.ready.is_set():
+            return JSONResponse({"status": "ready", "base": state.catalog.base_name})
+        body = error_body(state.load_error or "the base model is still loading", "server_error", "not_ready")
+        return JSONResponse(body, status_code=503)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        if state.engine is not None:
+            state.metrics.refresh_from(state.engine.stats())
+        return Response(state.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models")
+    async def list_models(authorization: str | None = Header(default=None)) -> dict:
+        key = caller(authorization)
+        require_ready()
+        data = await run_in_threadpool(state.catalog.listing, lambda n: state.gate.allows(key, n))
+        return {"object": "list", "data": data}
+
+    @app.get("/v1/models/{model:path}")
+    async def get_model(model: str, authorization: str | None = Header(default=None)) -> dict:
+        key = caller(authorization)
+        require_ready()
+        target = await target_for(model, key)
+        item = {"id": model, "object": "model", "created": 0, "owned_by": "hatrack"}
+        if target.adapter is not None:
+            item["parent"] = state.catalog.base_name
+        return item
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatCompletionRequest, request: Request,
+                   authorization: str | None = Header(default=None)):
+        key = caller(authorization)
+        require_ready()
+        target = await target_for(body.model, key)
+        try:
+            messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+                        for m in body.messages]
+        except ValueError as err:
+            raise bad_request(str(err), "messages") from None
+        prompt_ids = await run_in_threadpool(_chat_prompt_ids, state.tokenizer, messages)
+        return await _run(body, request, target, prompt_ids, "chat")
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request,
+                          authorization: str | None = Header(default=None)):
+        key = caller(authorization)
+        require_ready()
+        target = await target_for(body.model, key)
+        prompt_ids = state.tokenizer(body.prompt, add_special_tokens=False)["input_ids"]
+        if not prompt_ids:
+            raise bad_request("the prompt is empty", "prompt")
+        return await _run(body, request, target, prompt_ids, "text")
+
+    async def _run(body, request: Request, target: Target, prompt_ids: list[int], kind: str):
+        params = sampling_params(body, len(prompt_ids), state.engine.context_length,
+                                 config.default_max_tokens, state.stop_ids)
+        options = getattr(body, "stream_options", None) or {}
+        job = Job(kind=kind, target=target, prompt_ids=prompt_ids, params=params, stops=body.stop,
+                  stream=body.stream, include_usage=bool(isinstance(options, dict) and options.get("include_usage")))
+        runner = Runner(state.engine, state.tokenizer, state.metrics,
+                        "chat" if kind == "chat" else "completions")
+        return await runner.respond(job, request)
+
+    return app
+
+
+def _chat_prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
+    try:
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    except Exception as err:  # template errors (e.g. roles the template forbids)
+        raise bad_request(f"messages cannot be rendered with this model's chat template: {err}",
+                          "messages") from None
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
