@@ -50,10 +50,12 @@ class ServerMetrics:
         for key in self._shown_adapters | loaded:
             self.adapter_loaded.labels(adapter=key.split(":")[0]).set(1 if key in loaded else 0)
         self._shown_adapters |= loaded
-        loads = list(stats.adapter_load_seconds)
-        for seconds in loads[self._seen_loads :] if len(loads) >= self._seen_loads else loads:
-            self.adapter_load_seconds.observe(seconds)
-        self._seen_loads = len(loads)
+        # the engine keeps only its recent load times: observe the ones since the last scrape
+        new = stats.adapter_loads_total - self._seen_loads
+        if new > 0:
+            for seconds in list(stats.adapter_load_seconds)[-new:]:
+                self.adapter_load_seconds.observe(seconds)
+        self._seen_loads = stats.adapter_loads_total
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -33,6 +33,7 @@ class AdapterCache:
         self._pins = [0] * (bank.n_slots + 1)
         self._free = list(range(1, bank.n_slots + 1))
         self.load_seconds: deque[float] = deque(maxlen=64)
+        self.loads_total = 0  # monotonic, so a reader of the bounded deque knows what is new
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="hatrack-adapter-load")
 
     # ------------------------------------------------------------ any thread
@@ -95,6 +96,7 @@ class AdapterCache:
                 self._host.move_to_end(spec.key)
                 self._trim_host()
                 self.load_seconds.append(time.perf_counter() - started)
+                self.loads_total += 1
         self._on_ready()
 
     def _trim_host(self) -> None:  # holds _lock; never drops one a queued request waits for

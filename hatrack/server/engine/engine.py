@@ -175,6 +175,7 @@ class Engine:
             running=len(self._running),
             loaded_adapters=self.cache.loaded_keys(),
             adapter_load_seconds=list(self.cache.load_seconds),
+            adapter_loads_total=self.cache.loads_total,
             steps=self._steps,
             tokens_generated=self._tokens_generated,
             host_adapters=self.cache.host_keys(),

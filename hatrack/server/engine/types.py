@@ -44,6 +44,7 @@ class EngineStats:
     steps: int  # decode steps run
     tokens_generated: int  # tokens sampled, first tokens from prefill included
     host_adapters: list[str] = field(default_factory=list)  # keys held in host memory
+    adapter_loads_total: int = 0  # loads since start (adapter_load_seconds keeps the last 64)
     prefill_tokens: int = 0  # prompt tokens prefilled
     prefill_seconds: float = 0.0  # time spent prefilling (first tokens included)
     decode_seconds: float = 0.0  # time spent in decode steps
