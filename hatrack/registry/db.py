@@ -1,19 +1,15 @@
 """The database engine: SQLite in HATRACK_HOME by default (WAL, 30 s busy timeout,
-foreign keys on), or HATRACK_DB_URL. Tables and the schema version row are created
-on first use, safely when several processes start at once."""
+foreign keys on), or HATRACK_DB_URL. On first use an empty database gets the tables
+and the schema version; an older registry is upgraded in place (migrations.py),
+safely when several processes open it at once."""
 
 from __future__ import annotations
 
-import random
-import time
-
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
-from sqlmodel import Session, SQLModel, create_engine
+from sqlmodel import create_engine
 
-from hatrack.registry import tables
-from hatrack.registry.errors import RegistryError
+from hatrack.registry import migrations
 
 BUSY_TIMEOUT_MS = 30_000
 
@@ -26,7 +22,17 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:
     cur.close()
 
 
+def normalise_url(url: str) -> str:
+    """`postgresql://` (or `postgres://`) means psycopg 3, the PostgreSQL driver hatrack
+    installs; SQLAlchemy alone would reach for psycopg2."""
+    for prefix in ("postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix):]
+    return url
+
+
 def make_engine(url: str) -> Engine:
+    url = normalise_url(url)
     if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": BUSY_TIMEOUT_MS / 1000})
         event.listen(engine, "connect", _sqlite_pragmas)
@@ -35,25 +41,13 @@ def make_engine(url: str) -> Engine:
     return engine
 
 
-def init_schema(engine: Engine, attempts: int = 20) -> None:
-    """Create missing tables and the schema version row. Another process may be doing
-    the same at the same moment: 'already exists' races are retried."""
-    for attempt in range(attempts):
-        try:
-            SQLModel.metadata.create_all(engine)
-            with Session(engine) as session:
-                row = session.get(tables.SchemaVersion, 1)
-                if row is None:
-                    session.add(tables.SchemaVersion(id=1, version=tables.SCHEMA_VERSION))
-                    session.commit()
-                elif row.version > tables.SCHEMA_VERSION:
-                    raise RegistryError(
-                        f"registry schema version {row.version} is newer than this hatrack "
-                        f"understands ({tables.SCHEMA_VERSION}): upgrade hatrack"
-                    )
-            return
-        except (OperationalError, IntegrityError, ProgrammingError):
-            # another process created the same table or row a moment earlier
-            if attempt == attempts - 1:
-                raise
-            time.sleep(0.02 + random.random() * 0.1)
+def init_schema(engine: Engine) -> list[migrations.Step]:
+    """Make the database current: nothing to do (the usual case, read-only), create an
+    empty one, or upgrade an older one. A newer one is refused. Returns the upgrade
+    steps this process applied."""
+    with engine.connect() as conn:
+        version = migrations.read_version(conn)
+    migrations.refuse_newer(version)
+    if version == migrations.LATEST:
+        return []
+    return migrations.upgrade(engine)

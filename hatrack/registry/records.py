@@ -44,6 +44,7 @@ class ScoreIn:
     base_value: float | None = None
     dataset_sha256: str | None = None
     split: str = "heldout"
+    rows: int | None = None  # how many eval rows the value was computed on
 
 
 @dataclass

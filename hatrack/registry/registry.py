@@ -5,6 +5,7 @@ live in their own modules; the methods here are thin doors into them."""
 from __future__ import annotations
 
 import math
+import os
 import random
 import time
 from contextlib import contextmanager
@@ -71,7 +72,8 @@ class Registry:
         cause = getattr(exc, "orig", None) or exc
         first = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
         where = self.engine.url.render_as_string(hide_password=True)
-        return f"registry database {where}: {first}"
+        condition = _sqlite_disk_condition(self.engine.url, first)
+        return f"registry database {where}: {condition} ({first})" if condition else f"registry database {where}: {first}"
 
     # ------------------------------------------------------------ bases
 
@@ -351,6 +353,34 @@ def _version_row(session: Session, name: str, version: int) -> tables.AdapterVer
     ).first()
 
 
+def _sqlite_disk_condition(url, message: str) -> str | None:
+    """'disk full' or 'read-only file system' when the disk under a SQLite file explains
+    an error: SQLite itself only says "disk I/O error" or "unable to open database file"."""
+    text = message.lower()
+    if url.get_backend_name() != "sqlite" or not any(
+            hint in text for hint in ("disk i/o", "unable to open", "readonly", "full")):
+        return None
+    database = url.database or ""
+    if database.startswith("file:"):
+        if "mode=ro" in database or "mode=ro" in str(url.query):
+            return "opened read-only"
+        database = database[5:].split("?", 1)[0]
+    if not database or database == ":memory:":
+        return None
+    folder = Path(database).expanduser().absolute().parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        stats = os.statvfs(folder)
+    except OSError:
+        return None
+    if stats.f_flag & os.ST_RDONLY:
+        return "read-only file system"
+    if "full" in text or stats.f_bavail == 0:
+        return "disk full"
+    return "read-only" if "readonly" in text else None
+
+
 def _check_score(score: ScoreIn) -> ScoreIn:
     if not isinstance(score.metric, str) or not score.metric or len(score.metric) > 64:
         raise InvalidNameError(f"invalid score metric {score.metric!r}")
@@ -359,6 +389,8 @@ def _check_score(score: ScoreIn) -> ScoreIn:
     for field, value in (("value", score.value), ("base_value", score.base_value)):
         if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value)):
             raise RegistryError(f"score {score.metric!r}: {field} must be a finite number, got {value!r}")
+    if score.rows is not None and (isinstance(score.rows, bool) or not isinstance(score.rows, int) or score.rows < 0):
+        raise RegistryError(f"score {score.metric!r}: rows must be a count of eval rows, got {score.rows!r}")
     return score
 
 
@@ -366,7 +398,7 @@ def _add_score_rows(session: Session, version_id: int, scores: list[ScoreIn]) ->
     for s in scores:
         session.add(Score(version_id=version_id, metric=s.metric, value=float(s.value),
                           base_value=None if s.base_value is None else float(s.base_value),
-                          dataset_sha256=s.dataset_sha256, split=s.split))
+                          dataset_sha256=s.dataset_sha256, split=s.split, rows=s.rows))
 
 
 def _jsonable(value: Any) -> Any:

@@ -9,7 +9,8 @@ from typing import Any, Optional
 from sqlalchemy import JSON, BigInteger, Column, ForeignKey, Integer, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
-SCHEMA_VERSION = 1
+# 1: the first release; 2: scores.rows. Steps between versions: migrations.py.
+SCHEMA_VERSION = 2
 
 
 def utcnow() -> datetime:
@@ -82,6 +83,7 @@ class Score(SQLModel, table=True):
     dataset_sha256: Optional[str] = Field(default=None, max_length=64)
     split: str = Field(default="heldout", max_length=256)
     created: datetime = Field(default_factory=utcnow)
+    rows: Optional[int] = None  # eval rows the score was computed on (None: not recorded)
 
 
 class Alias(SQLModel, table=True):

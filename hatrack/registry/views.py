@@ -114,7 +114,7 @@ def version_info(reg: "Registry", name: str, version: int) -> dict[str, Any]:
         "artifact": {"sha256": v.sha256, "size": v.size},
         "score_rows": [
             {"metric": s.metric, "value": s.value, "base_value": s.base_value,
-             "dataset_sha256": s.dataset_sha256, "split": s.split, "created": iso(s.created)}
+             "dataset_sha256": s.dataset_sha256, "split": s.split, "rows": s.rows, "created": iso(s.created)}
             for s in scores
         ],
         "alias_history": [

@@ -235,8 +235,9 @@ def to_scores(mine, theirs, dataset_sha: str, split: str) -> list[ScoreIn]:
         value = getattr(mine, metric)
         if value is None:
             continue
+        rows = mine.answer_rows if metric in ("exact_match", "contains") else mine.loss_rows
         out.append(ScoreIn(metric=metric, value=float(value), base_value=float(getattr(theirs, metric)),
-                           dataset_sha256=dataset_sha, split=split))
+                           dataset_sha256=dataset_sha, split=split, rows=rows))
     return out
 
 

@@ -33,6 +33,8 @@ class Scores:
     perplexity: float
     exact_match: float | None = None
     contains: float | None = None
+    loss_rows: int = 0  # rows with trained tokens: eval_loss and perplexity
+    answer_rows: int = 0  # rows with an expected answer: exact_match and contains
 
     def as_dict(self) -> dict[str, float | None]:
         return {
@@ -145,7 +147,8 @@ def score_both(
                 if on_stage:
                     on_stage(f"eval loss ({which})")
                 loss = eval_loss(model, encoded, tokenizer.pad_token_id, batch_size)
-                scores = Scores(eval_loss=loss, perplexity=math.exp(min(loss, 50.0)))
+                scores = Scores(eval_loss=loss, perplexity=math.exp(min(loss, 50.0)),
+                                loss_rows=len(encoded), answer_rows=len(answerable))
                 if answerable:
                     if on_stage:
                         on_stage(f"answers ({which})")
