@@ -12,17 +12,23 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from fastapi import FastAPI, Header, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
+from fastapi.security import HTTPBearer
 
 from hatrack import settings
 from hatrack.registry import Registry
 from hatrack.server.auth import KeyGate, Unauthorized
 from hatrack.server.catalog import BaseMismatch, Catalog, ModelNotFound, Target
 from hatrack.server.completions import Job, Runner, sampling_params
-from hatrack.server.errors import APIError, bad_request, install_error_handlers, model_not_found
+from hatrack.server.errors import APIError, bad_request, install_error_handlers, model_not_found, strip_paths
+from hatrack.server.limits import DEFAULT_MAX_BODY_BYTES, BodyLimit, JSONBodyRoute
 from hatrack.server.metrics import ServerMetrics
+from hatrack.server.openapi import (
+    ChatCompletion, ChatCompletionChunk, Health, ModelCard, ModelList, Ready, TextCompletion,
+    TextCompletionChunk, completion_ok, errors, install_openapi,
+)
 from hatrack.server.schemas import ChatCompletionRequest, CompletionRequest, error_body
 
 log = logging.getLogger("hatrack.server")
@@ -39,6 +45,7 @@ class ServeConfig:
     max_waiting: int = 256
     max_context: int | None = None
     default_max_tokens: int = 256
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES  # larger request bodies get 413
     shutdown_timeout: float = 30.0
     engine_options: dict[str, Any] = field(default_factory=dict)
 
@@ -102,9 +109,15 @@ def create_app(config: ServeConfig | None = None, registry: Registry | None = No
         if state.engine is not None:
             await run_in_threadpool(state.engine.stop, config.shutdown_timeout)
 
-    app = FastAPI(title="hatrack", version="0.1.0", lifespan=lifespan)
+    app = FastAPI(title="hatrack", version="0.1.0", lifespan=lifespan,
+                  description="OpenAI-compatible completions over one base model and its LoRA adapters.")
+    app.router.route_class = JSONBodyRoute
+    app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
     app.state.hatrack = state
     install_error_handlers(app)
+    install_openapi(app)
+    # documents the bearer key in /openapi.json; the check itself is KeyGate's
+    bearer = Depends(HTTPBearer(auto_error=False, description="Needed once `hatrack keys create` made a key"))
 
     def require_ready() -> None:
         if not state.ready.is_set():
@@ -112,9 +125,9 @@ def create_app(config: ServeConfig | None = None, registry: Registry | None = No
                 "the base model is still loading"
             raise APIError(503, why, "server_error", "not_ready")
 
-    def caller(authorization: str | None):
+    def caller(request: Request):
         try:
-            return state.gate.caller(authorization)
+            return state.gate.caller(request.headers.get("authorization"))
         except Unauthorized as err:
             raise APIError(401, str(err), "invalid_request_error", "invalid_api_key") from None
 
@@ -126,33 +139,37 @@ def create_app(config: ServeConfig | None = None, registry: Registry | None = No
         except BaseMismatch as err:
             raise bad_request(str(err), "model", "base_mismatch") from None
 
-    @app.get("/health")
+    @app.get("/health", response_model=None, responses={200: {"model": Health}})
     async def health() -> dict:
         return {"status": "ok"}
 
-    @app.get("/ready")
+    @app.get("/ready", response_model=None, responses={200: {"model": Ready}, **errors(503)})
     async def ready() -> JSONResponse:
         if state.ready.is_set():
             return JSONResponse({"status": "ready", "base": state.catalog.base_name})
         body = error_body(state.load_error or "the base model is still loading", "server_error", "not_ready")
         return JSONResponse(body, status_code=503)
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=Response,
+             responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},
+                              "description": "Prometheus text format"}})
     async def metrics() -> Response:
         if state.engine is not None:
             state.metrics.refresh_from(state.engine.stats())
         return Response(state.metrics.render(), media_type="text/plain; version=0.0.4")
 
-    @app.get("/v1/models")
-    async def list_models(authorization: str | None = Header(default=None)) -> dict:
-        key = caller(authorization)
+    @app.get("/v1/models", response_model=None, dependencies=[bearer],
+             responses={200: {"model": ModelList}, **errors(401, 503)})
+    async def list_models(request: Request) -> dict:
+        key = caller(request)
         require_ready()
         data = await run_in_threadpool(state.catalog.listing, lambda n: state.gate.allows(key, n))
         return {"object": "list", "data": data}
 
-    @app.get("/v1/models/{model:path}")
-    async def get_model(model: str, authorization: str | None = Header(default=None)) -> dict:
-        key = caller(authorization)
+    @app.get("/v1/models/{model:path}", response_model=None, dependencies=[bearer],
+             responses={200: {"model": ModelCard}, **errors(400, 401, 404, 503)})
+    async def get_model(model: str, request: Request) -> dict:
+        key = caller(request)
         require_ready()
         target = await target_for(model, key)
         item = {"id": model, "object": "model", "created": 0, "owned_by": "hatrack"}
@@ -160,37 +177,37 @@ def create_app(config: ServeConfig | None = None, registry: Registry | None = No
             item["parent"] = state.catalog.base_name
         return item
 
-    @app.post("/v1/chat/completions")
-    async def chat(body: ChatCompletionRequest, request: Request,
-                   authorization: str | None = Header(default=None)):
-        key = caller(authorization)
+    completion_errors = errors(400, 401, 404, 413, 422, 429, 503)
+
+    @app.post("/v1/chat/completions", response_model=None, dependencies=[bearer],
+              responses={**completion_ok(ChatCompletion, ChatCompletionChunk), **completion_errors})
+    async def chat(body: ChatCompletionRequest, request: Request):
+        key = caller(request)
         require_ready()
         target = await target_for(body.model, key)
-        try:
-            messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                        for m in body.messages]
-        except ValueError as err:
-            raise bad_request(str(err), "messages") from None
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+                    for m in body.messages]
         prompt_ids = await run_in_threadpool(_chat_prompt_ids, state.tokenizer, messages)
         return await _run(body, request, target, prompt_ids, "chat")
 
-    @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, request: Request,
-                          authorization: str | None = Header(default=None)):
-        key = caller(authorization)
+    @app.post("/v1/completions", response_model=None, dependencies=[bearer],
+              responses={**completion_ok(TextCompletion, TextCompletionChunk), **completion_errors})
+    async def completions(body: CompletionRequest, request: Request):
+        key = caller(request)
         require_ready()
         target = await target_for(body.model, key)
-        prompt_ids = state.tokenizer(body.prompt, add_special_tokens=False)["input_ids"]
+        # a prompt of megabytes takes a while to tokenize: not on the event loop
+        prompt_ids = await run_in_threadpool(_text_prompt_ids, state.tokenizer, body.prompt)
         if not prompt_ids:
             raise bad_request("the prompt is empty", "prompt")
         return await _run(body, request, target, prompt_ids, "text")
 
     async def _run(body, request: Request, target: Target, prompt_ids: list[int], kind: str):
         params = sampling_params(body, len(prompt_ids), state.engine.context_length,
-                                 config.default_max_tokens, state.stop_ids)
-        options = getattr(body, "stream_options", None) or {}
+                                 config.default_max_tokens, state.stop_ids,
+                                 "messages" if kind == "chat" else "prompt")
         job = Job(kind=kind, target=target, prompt_ids=prompt_ids, params=params, stops=body.stop,
-                  stream=body.stream, include_usage=bool(isinstance(options, dict) and options.get("include_usage")))
+                  stream=bool(body.stream), include_usage=body.include_usage)
         runner = Runner(state.engine, state.tokenizer, state.metrics,
                         "chat" if kind == "chat" else "completions")
         return await runner.respond(job, request)
@@ -202,6 +219,11 @@ def _chat_prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
     try:
         text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     except Exception as err:  # template errors (e.g. roles the template forbids)
-        raise bad_request(f"messages cannot be rendered with this model's chat template: {err}",
+        reason = strip_paths(str(err).splitlines()[0] if str(err) else type(err).__name__)
+        raise bad_request(f"messages cannot be rendered with this model's chat template: {reason}",
                           "messages") from None
     return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _text_prompt_ids(tokenizer, prompt: str) -> list[int]:
+    return tokenizer(prompt, add_special_tokens=False)["input_ids"]

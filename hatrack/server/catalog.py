@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from hatrack.errors import HatrackError
 from hatrack.registry import NotFoundError, Registry, RegistryError, ResolvedModel
 from hatrack.server.engine import AdapterSpec, load_peft_adapter
 
@@ -19,6 +20,11 @@ class ModelNotFound(Exception):
 
 class BaseMismatch(Exception):
     """The adapter was trained on another base than the one this server holds."""
+
+
+class AdapterUnavailable(HatrackError):
+    """A registered adapter whose stored artifact cannot be served (corrupt, missing,
+    lying about its tensors): the request that wants it gets a 4xx, others go on."""
 
 
 @dataclass(frozen=True)
@@ -41,7 +47,7 @@ class Catalog:
     def lookup(self, model: str, allowed) -> Target:
         """Resolve `model` for a caller; `allowed(name) -> bool` is the caller's key check.
         Names are checked before anything else touches the registry."""
-        if not _NAME.match(model):
+        if not _NAME.fullmatch(model):  # fullmatch: `$` would let a trailing newline through
             raise ModelNotFound(model)
         if model == self.base_name:
             return Target(self._base(), None)
@@ -87,9 +93,15 @@ class Catalog:
         key = f"{resolved.label}:{resolved.sha256}"
         spec = self._specs.get(key)
         if spec is None:
-            sha256 = resolved.sha256
-            registry = self.registry
-            # verified (sha256) every time it is read from disk
-            spec = AdapterSpec(key=key, load=lambda: load_peft_adapter(registry.open_artifact(sha256)))
+            spec = AdapterSpec(key=key, load=lambda: self._load(resolved.sha256))
             self._specs[key] = spec
         return spec
+
+    def _load(self, sha256: str):
+        # verified (sha256, no symlinks) every time it is read from disk
+        try:
+            return load_peft_adapter(self.registry.open_artifact(sha256))
+        except HatrackError:
+            raise
+        except Exception as err:  # anything else a damaged file can raise is still the adapter's fault
+            raise AdapterUnavailable(f"its stored files cannot be read ({type(err).__name__})") from None

@@ -15,7 +15,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from hatrack.errors import HatrackError
 from hatrack.server.catalog import Target
 from hatrack.server.engine import SamplingParams
-from hatrack.server.errors import APIError, bad_request
+from hatrack.server.engine.errors import EngineStoppedError, PromptTooLongError, QueueFullError
+from hatrack.server.errors import APIError, bad_request, strip_paths
 from hatrack.server.schemas import new_id, now, usage
 from hatrack.server.textstream import TextStream
 
@@ -32,6 +33,10 @@ class Job:
     stream: bool
     include_usage: bool
 
+    @property
+    def prompt_param(self) -> str:
+        return "messages" if self.kind == "chat" else "prompt"
+
 
 def response_headers(target: Target) -> dict[str, str]:
     """Every answer says which version answered it, so a client or router can audit it."""
@@ -42,24 +47,24 @@ def response_headers(target: Target) -> dict[str, str]:
 
 
 def sampling_params(body, prompt_len: int, context: int, default_max: int,
-                    stop_ids: tuple[int, ...]) -> SamplingParams:
+                    stop_ids: tuple[int, ...], prompt_param: str = "messages") -> SamplingParams:
     room = context - prompt_len
     if room < 1:
         raise bad_request(
             f"the prompt is {prompt_len} tokens; this model's context is {context} tokens",
-            "messages", "context_length_exceeded",
+            prompt_param, "context_length_exceeded",
         )
-    limit = body.token_limit()
+    limit, limit_param = body.token_limit()
     if limit is None:
         limit = min(default_max, room)
     elif limit > room:
         raise bad_request(
-            f"max_tokens is {limit} but the prompt ({prompt_len} tokens) leaves room for only "
+            f"{limit_param} is {limit} but the prompt ({prompt_len} tokens) leaves room for only "
             f"{room} of this model's {context}-token context",
-            "max_tokens", "context_length_exceeded",
+            limit_param, "context_length_exceeded",
         )
     return SamplingParams(
-        max_tokens=limit, temperature=body.temperature, top_p=body.top_p,
+        max_tokens=limit, temperature=body.temperature_value, top_p=body.top_p_value,
         seed=body.seed, stop_token_ids=stop_ids,
     )
 
@@ -76,12 +81,15 @@ class Runner:
     def submit(self, job: Job):
         try:
             return self.engine.submit(job.prompt_ids, job.target.adapter, job.params)
+        except QueueFullError:
+            raise APIError(429, "the server is busy: too many requests waiting; retry later",
+                           "rate_limit_error", "queue_full") from None
+        except EngineStoppedError:
+            raise APIError(503, "the server is shutting down", "server_error", "not_ready") from None
+        except PromptTooLongError as err:
+            raise bad_request(str(err), job.prompt_param, "context_length_exceeded") from None
         except HatrackError as err:
-            name = type(err).__name__
-            if name == "QueueFullError":
-                raise APIError(429, "the server is busy: too many requests waiting; retry later",
-                               "rate_limit_error", "queue_full") from None
-            raise bad_request(str(err), "messages", "context_length_exceeded") from None
+            raise bad_request(strip_paths(str(err)), None, "invalid_value") from None
 
     async def respond(self, job: Job, request: Request):
         started = time.perf_counter()
@@ -92,11 +100,15 @@ class Runner:
         except StopAsyncIteration:
             first = None
         if first is not None and first.error is not None:
-            self._count(job, 422)
-            raise APIError(
-                422, f"model '{job.target.label}' cannot be loaded: {_short(first.error)}",
-                "invalid_request_error", "adapter_unavailable", "model",
-            )
+            if job.target.adapter is not None and isinstance(first.error, HatrackError):
+                # the adapter's stored artifact is unusable: this model's fault, not the server's
+                self._count(job, 422)
+                raise APIError(
+                    422, f"model '{job.target.label}' cannot be loaded: {_short(first.error)}",
+                    "invalid_request_error", "adapter_unavailable", "model",
+                )
+            self._count(job, 500)
+            raise APIError(500, "generation failed", "server_error", "generation_failed")
         self.metrics.ttft.labels(model=job.target.label).observe(time.perf_counter() - started)
         if job.stream:
             body = self._stream(job, handle, first, events, started)
@@ -232,13 +244,7 @@ def _openai_finish(reason: str) -> str:
 def _short(err: BaseException) -> str:
     """The error's own one-line message, without paths."""
     text = str(err).splitlines()[0] if str(err) else type(err).__name__
-    return _strip_paths(text)
-
-
-def _strip_paths(text: str) -> str:
-    import re
-
-    return re.sub(r"(/[^\s'\":]+)+", "<path>", text)
+    return strip_paths(text)
 
 
 def _sse(body: dict) -> bytes:

@@ -1,5 +1,13 @@
-"""OpenAI request and response shapes, with the bounds hatrack enforces (a request
-outside them is a 400 before it reaches the engine)."""
+"""OpenAI request shapes, with the bounds hatrack enforces: a request outside them is a
+400 naming the parameter before it reaches the engine.
+
+Requests are strict. An unknown field is refused the way OpenAI refuses it. Fields
+real OpenAI clients send are accepted while they ask for nothing hatrack lacks (`user`,
+`metadata`, `presence_penalty: 0`, `response_format: {"type": "text"}`, ...); asking
+for a feature hatrack does not implement (n > 1, tools, logprobs, JSON mode) is a 400
+naming that parameter rather than a silent no-op. Numbers are never coerced from
+strings or booleans, and NaN or infinities are refused.
+"""
 
 from __future__ import annotations
 
@@ -7,25 +15,69 @@ import time
 import uuid
 from typing import Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
 
 MAX_STOP_SEQUENCES = 4
+MAX_STOP_CHARS = 512  # the stop hold-back scan is quadratic in a stop's length
+MAX_MESSAGES = 2048
+MAX_TOKENS = 1_000_000
+INT64 = 2**63
+
+STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+
+def unsupported(param: str, what: str) -> PydanticCustomError:
+    """A 400 with code `unsupported_parameter` (see errors.py)."""
+    return PydanticCustomError(
+        "unsupported_parameter", "{param}: {what} is not supported by hatrack",
+        {"param": param, "what": what},
+    )
+
+
+def _neutral(value: Any, neutral: tuple, param: str, what: str) -> Any:
+    """`value` when it asks for nothing (None, its default, an empty list or object)."""
+    if value in neutral or (isinstance(value, (list, dict)) and not value):
+        return value
+    raise unsupported(param, what)
+
+
+class StreamOptions(BaseModel):
+    model_config = STRICT
+
+    include_usage: bool | None = None
+    include_obfuscation: bool | None = None  # newer clients send it; hatrack never pads chunks
+
+
+class ResponseFormat(BaseModel):
+    model_config = STRICT
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: dict[str, Any] | None = None
 
 
 class _Request(BaseModel):
-    # OpenAI clients send fields hatrack does not use (user, logit_bias, ...): accept them.
-    model_config = ConfigDict(extra="allow")
+    """Fields shared by chat and text completions."""
+
+    model_config = STRICT
 
     model: str = Field(min_length=1, max_length=200)
-    max_tokens: int | None = Field(default=None, ge=1, le=1_000_000)
-    max_completion_tokens: int | None = Field(default=None, ge=1, le=1_000_000)
-    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    n: int = Field(default=1, ge=1, le=1)
-    stream: bool = False
+    max_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS)
+    temperature: float | None = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=1.0, gt=0.0, le=1.0)
+    n: int | None = Field(default=1, ge=1, le=128)
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
     # validate_default: an omitted stop must become [] too, not stay None
     stop: Union[str, list[str], None] = Field(default=None, validate_default=True)
-    seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)
+    seed: int | None = Field(default=None, ge=-INT64, le=INT64 - 1)
+    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    logit_bias: dict[str, int] | None = None
+    user: str | None = None
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+    service_tier: Literal["auto", "default", "flex", "scale", "priority"] | None = None
 
     @field_validator("stop")
     @classmethod
@@ -34,51 +86,196 @@ class _Request(BaseModel):
             return []
         items = [value] if isinstance(value, str) else list(value)
         if len(items) > MAX_STOP_SEQUENCES:
-            raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences")
+            raise PydanticCustomError("too_many", f"at most {MAX_STOP_SEQUENCES} stop sequences")
         if any(not s for s in items):
-            raise ValueError("stop sequences must not be empty")
+            raise PydanticCustomError("empty_stop", "stop sequences must not be empty")
+        if any(len(s) > MAX_STOP_CHARS for s in items):
+            raise PydanticCustomError("stop_too_long", f"a stop sequence is at most {MAX_STOP_CHARS} characters")
         return items
 
-    def token_limit(self) -> int | None:
-        return self.max_completion_tokens or self.max_tokens
+    @field_validator("n")
+    @classmethod
+    def _one_choice(cls, value: int | None) -> int | None:
+        return _neutral(value, (None, 1), "n", "more than one choice per request")
+
+    @field_validator("presence_penalty", "frequency_penalty")
+    @classmethod
+    def _no_penalty(cls, value: float | None, info: ValidationInfo) -> float | None:
+        return _neutral(value, (None, 0), info.field_name, "a non-zero penalty")
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _no_bias(cls, value: dict[str, int] | None) -> dict[str, int] | None:
+        return _neutral(value, (None,), "logit_bias", "biasing token logits")
+
+    def token_limit(self) -> tuple[int | None, str]:
+        """The answer's token limit and the parameter that set it."""
+        newer = getattr(self, "max_completion_tokens", None)  # chat only
+        if newer is not None:
+            return newer, "max_completion_tokens"
+        return self.max_tokens, "max_tokens"
+
+    @property
+    def temperature_value(self) -> float:
+        return 1.0 if self.temperature is None else self.temperature
+
+    @property
+    def top_p_value(self) -> float:
+        return 1.0 if self.top_p is None else self.top_p
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class TextPart(BaseModel):
+    model_config = STRICT
+
+    type: Literal["text"]
+    text: str
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = STRICT
 
     role: Literal["system", "user", "assistant", "developer", "tool"]
-    content: Union[str, list[dict[str, Any]], None] = None
+    content: Union[str, list[TextPart], None] = None
+    name: str | None = Field(default=None, max_length=256)
+    # an assistant reply sent back as history carries these, empty
+    refusal: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
+    function_call: dict[str, Any] | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_only(cls, value: Any) -> Any:
+        # checked here so a wrong part gets one clear message, not one per union member
+        if value is None or isinstance(value, str):
+            return value
+        if not isinstance(value, list):
+            raise PydanticCustomError("content_type", "content must be a string or a list of text parts")
+        for part in value:
+            if not isinstance(part, dict):
+                raise PydanticCustomError("content_type", "content parts must be objects like "
+                                          '{"type": "text", "text": "..."}')
+            if part.get("type") != "text":
+                raise unsupported("content", "a content part that is not text")
+            if not isinstance(part.get("text"), str) or set(part) != {"type", "text"}:
+                raise PydanticCustomError("content_type", 'a text part is exactly {"type": "text", "text": "..."}')
+        return value
+
+    @field_validator("tool_calls")
+    @classmethod
+    def _no_tool_calls(cls, value: list | None) -> list | None:
+        return _neutral(value, (None,), "tool_calls", "tool calling")
+
+    @field_validator("function_call")
+    @classmethod
+    def _no_function_call(cls, value: dict | None) -> dict | None:
+        return _neutral(value, (None,), "function_call", "function calling")
 
     def text(self) -> str:
-        """Plain text of the message; list content keeps its text parts only."""
+        """Plain text of the message (text parts joined)."""
         if self.content is None:
             return ""
         if isinstance(self.content, str):
             return self.content
-        parts = []
-        for part in self.content:
-            if part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise ValueError("only text content parts are supported")
-            parts.append(part["text"])
-        return "".join(parts)
+        return "".join(part.text for part in self.content)
 
 
 class ChatCompletionRequest(_Request):
-    messages: list[ChatMessage] = Field(min_length=1, max_length=4096)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    response_format: ResponseFormat | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Union[Literal["none", "auto", "required"], dict[str, Any], None] = None
+    parallel_tool_calls: bool | None = None
+    functions: list[dict[str, Any]] | None = None
+    function_call: Union[Literal["none", "auto"], dict[str, Any], None] = None
+    modalities: list[Literal["text", "audio"]] | None = None
+
+    @field_validator("logprobs")
+    @classmethod
+    def _no_logprobs(cls, value: bool | None) -> bool | None:
+        return _neutral(value, (None, False), "logprobs", "returning log probabilities")
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _no_top_logprobs(cls, value: int | None) -> int | None:
+        return _neutral(value, (None, 0), "top_logprobs", "returning log probabilities")
+
+    @field_validator("response_format")
+    @classmethod
+    def _text_format(cls, value: ResponseFormat | None) -> ResponseFormat | None:
+        if value is not None and value.type != "text":
+            raise unsupported("response_format", f"response_format type '{value.type}' (JSON mode)")
+        return value
+
+    @field_validator("tools", "functions")
+    @classmethod
+    def _no_tools(cls, value: list | None, info: ValidationInfo) -> list | None:
+        return _neutral(value, (None,), info.field_name, "tool calling")
+
+    @field_validator("tool_choice", "function_call")
+    @classmethod
+    def _no_tool_choice(cls, value: Any, info: ValidationInfo) -> Any:
+        return _neutral(value, (None, "none", "auto"), info.field_name, "tool calling")
+
+    @field_validator("modalities")
+    @classmethod
+    def _text_modality(cls, value: list[str] | None) -> list[str] | None:
+        if value and "audio" in value:
+            raise unsupported("modalities", "audio output")
+        return value
 
 
 class CompletionRequest(_Request):
     prompt: Union[str, list[str]]
-    max_tokens: int | None = Field(default=16, ge=1, le=1_000_000)
+    max_tokens: int | None = Field(default=16, ge=1, le=MAX_TOKENS)
+    echo: bool | None = None
+    best_of: int | None = Field(default=None, ge=1, le=20)
+    logprobs: int | None = Field(default=None, ge=0, le=5)
+    suffix: str | None = None
 
     @field_validator("prompt")
     @classmethod
     def _one_prompt(cls, value: str | list[str]) -> str:
         if isinstance(value, list):
             if len(value) != 1:
-                raise ValueError("exactly one prompt per request is supported")
+                raise unsupported("prompt", "more or fewer than one prompt per request")
             value = value[0]
         return value
+
+    @field_validator("echo")
+    @classmethod
+    def _no_echo(cls, value: bool | None) -> bool | None:
+        return _neutral(value, (None, False), "echo", "echoing the prompt")
+
+    @field_validator("best_of")
+    @classmethod
+    def _no_best_of(cls, value: int | None) -> int | None:
+        return _neutral(value, (None, 1), "best_of", "best_of > 1")
+
+    @field_validator("logprobs")
+    @classmethod
+    def _no_logprobs(cls, value: int | None) -> int | None:
+        return _neutral(value, (None,), "logprobs", "returning log probabilities")
+
+    @field_validator("suffix")
+    @classmethod
+    def _no_suffix(cls, value: str | None) -> str | None:
+        return _neutral(value, (None, ""), "suffix", "a suffix (insert mode)")
+
+
+def request_field_names() -> frozenset[str]:
+    """Every field name of the request models, for naming `param` in errors."""
+    names: set[str] = set()
+    for model in (ChatCompletionRequest, CompletionRequest, ChatMessage, TextPart, StreamOptions, ResponseFormat):
+        names.update(model.model_fields)
+    return frozenset(names)
 
 
 def new_id(prefix: str) -> str:
