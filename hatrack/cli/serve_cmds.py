@@ -34,6 +34,9 @@ def serve(
     max_batch: int = typer.Option(32, help="Sequences decoded together in one step."),
     max_waiting: int = typer.Option(256, help="Queued requests before answering 429."),
     max_tokens: int = typer.Option(256, help="Default max_tokens when a request sets none."),
+    max_body_bytes: int = typer.Option(
+        4 * 1024 * 1024, min=1, help="Largest request body accepted; larger ones get 413."
+    ),
     shutdown_timeout: float = typer.Option(
         30.0, help="On SIGTERM: seconds to let in-flight requests finish before exiting."
     ),
@@ -52,7 +55,7 @@ def serve(
     config = ServeConfig(
         base=base, quantize=quantize, device=device, max_loaded=max_loaded, max_host=max_host,
         max_batch=max_batch, max_waiting=max_waiting, default_max_tokens=max_tokens,
-        shutdown_timeout=shutdown_timeout,
+        max_body_bytes=max_body_bytes, shutdown_timeout=shutdown_timeout,
     )
     app = create_app(config)
     server = DrainingServer(uvicorn.Config(app, host=host, port=port, log_level=log_level,
