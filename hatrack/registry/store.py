@@ -108,6 +108,10 @@ class ArtifactStore:
     def open(self, sha256: str, verify: bool = True) -> Path:
         """The store folder of `sha256`, checked to hold exactly that content."""
         target = self.path(sha256)
+        # the store writes real folders and files only: a symlink there was planted, and
+        # could point a load anywhere on disk whatever the hash says
+        if target.is_symlink() or any((target / name).is_symlink() for name in ARTIFACT_FILES):
+            raise ArtifactError(f"artifact {sha256[:12]} is a symbolic link in the store; refused (run `hatrack check`)")
         if not target.is_dir():
             raise ArtifactError(f"artifact {sha256[:12]} is missing from the store (run `hatrack check`)")
         if verify:
