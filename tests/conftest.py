@@ -169,19 +169,25 @@ def adapter_variant(src: Path, dest: Path, marker: str) -> Path:
 
 @pytest.fixture(scope="session")
 def pg_url():
-    """A fresh PostgreSQL database for this test session, or None. Uses
-    HATRACK_TEST_PG_URL, else starts scripts/postgres.sh where PostgreSQL is installed
-    (never installs it from here)."""
+    """A fresh PostgreSQL database for this test session, or None.
+
+    With HATRACK_TEST_PG_URL set (scripts/test.sh sets it, so CI does) that server
+    must answer: anything else fails the tests that need it, so PostgreSQL is never
+    skipped unnoticed. Without it, scripts/postgres.sh is started where PostgreSQL is
+    installed (never installing it from here), and PostgreSQL is skipped otherwise."""
     import glob
     import subprocess
     import uuid
 
+    required = os.environ.get("HATRACK_TEST_PG_URL")
+    server = required
     try:
         import psycopg
     except ImportError:
+        if required:
+            pytest.fail("HATRACK_TEST_PG_URL is set, but psycopg is not installed")
         yield None
         return
-    server = os.environ.get("HATRACK_TEST_PG_URL")
     if not server and glob.glob("/usr/lib/postgresql/*/bin/initdb"):
         proc = subprocess.run(["bash", str(REPO / "scripts" / "postgres.sh")], capture_output=True, text=True)
         server = proc.stdout.strip() if proc.returncode == 0 else None
@@ -191,9 +197,15 @@ def pg_url():
     plain = server.replace("postgresql+psycopg://", "postgresql://")
     db = f"hatrack_test_{uuid.uuid4().hex[:10]}"
     try:
-        with psycopg.connect(plain, autocommit=True) as conn:
+        with psycopg.connect(plain, autocommit=True, connect_timeout=10) as conn:
             conn.execute(f'CREATE DATABASE "{db}"')
-    except psycopg.Error:
+    except psycopg.Error as exc:
+        if required:
+            from sqlalchemy.engine import make_url
+
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            where = make_url(required).render_as_string(hide_password=True)
+            pytest.fail(f"HATRACK_TEST_PG_URL={where}: cannot create a test database: {first}")
         yield None
         return
     yield server.rsplit("/", 1)[0] + "/" + db
