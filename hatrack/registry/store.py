@@ -6,6 +6,7 @@ the same content stored twice keeps one copy."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import re
@@ -74,8 +75,17 @@ class ArtifactStore:
         return self.root / sha256
 
     def put(self, folder: Path) -> tuple[str, int]:
-        """Copy an adapter folder's two files into the store; return (sha256, size)."""
+        """Copy an adapter folder's two files into the store; return (sha256, size). A
+        write the disk refuses (full, read-only) is one clear ArtifactError, and leaves
+        neither a temporary folder nor anything under the final name."""
         sources = artifact_files(folder)
+        try:
+            return self._put(sources)
+        except OSError as exc:
+            raise ArtifactError(f"artifact store {self.root}: {_disk_problem(exc)}") from None
+
+    def _put(self, sources: tuple[Path, Path]) -> tuple[str, int]:
+        self._sweep_stale_tmp()
         tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=self.root))
         try:
             digest = hashlib.sha256()
@@ -104,6 +114,13 @@ class ArtifactStore:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+
+    def _sweep_stale_tmp(self) -> None:
+        """Temp folders of registrations killed mid-copy: nothing else ever removes them
+        unless `hatrack check --fix` is run."""
+        for name in os.listdir(self.root):
+            if self.is_stale_tmp(name):
+                shutil.rmtree(self.root / name, ignore_errors=True)
 
     def open(self, sha256: str, verify: bool = True) -> Path:
         """The store folder of `sha256`, checked to hold exactly that content."""
@@ -150,3 +167,11 @@ class ArtifactStore:
             shutil.rmtree(path)
         elif path.exists():
             path.unlink()
+
+
+def _disk_problem(exc: OSError) -> str:
+    """An OSError as what a user can act on: which condition, then the system's words."""
+    condition = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded",
+                 errno.EROFS: "read-only file system", errno.EFBIG: "file size limit reached"}.get(exc.errno)
+    detail = exc.strerror or type(exc).__name__
+    return f"{condition} ({detail})" if condition else detail
