@@ -59,8 +59,19 @@ def planned_steps(rows: int, settings: LoopSettings) -> int:
 
 def last_checkpoint(run_dir: Path) -> Path | None:
     found = [p for p in Path(run_dir).glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
-    complete = [p for p in found if (p / "trainer_state.json").is_file()]  # a kill mid-save leaves no state file
+    complete = [p for p in found if _state_is_whole(p / "trainer_state.json")]
     return max(complete, key=lambda p: int(p.name.split("-")[-1]), default=None)
+
+
+def _state_is_whole(path: Path) -> bool:
+    """The trainer writes trainer_state.json last, unatomically: a kill mid-save leaves
+    no state file, or half of one, which must not be resumed from."""
+    import json
+
+    try:
+        return isinstance(json.loads(path.read_text()), dict)
+    except (OSError, ValueError):
+        return False
 
 
 def _callbacks(total: int, progress: bool, stop_flag: dict):
