@@ -23,7 +23,7 @@ from hatrack.registry.errors import InvalidNameError, NotFoundError, RegistryErr
 from hatrack.registry.lineage import check_fits
 from hatrack.registry.names import PROD, parse_ref, validate_name, validate_tag_key, validate_tags
 from hatrack.registry.records import BaseRecord, DatasetInfo, KeyRecord, ResolvedModel, ScoreIn, VersionRecord
-from hatrack.registry.store import ArtifactStore, artifact_files
+from hatrack.registry.store import ArtifactStore, artifact_files, hash_folder
 from hatrack.registry.tables import AdapterVersion, Alias, BaseModelRow, Score, Tag
 
 T = TypeVar("T")
@@ -142,6 +142,7 @@ class Registry:
                 raise NotFoundError(f"parent version {name}@{parent_version} does not exist")
         artifact_files(folder)
         check_fits(folder, base_rec.path, base_rec.name)
+        already_stored = self.store.exists(hash_folder(folder))
         sha256, size = self.store.put(folder)
 
         def insert(session: Session) -> VersionRecord:
@@ -165,10 +166,24 @@ class Registry:
             _add_score_rows(session, row.id, scores)
             return VersionRecord.of(row)
 
-        record = self.write(insert)
+        try:
+            record = self.write(insert)
+        except RegistryError:
+            if not already_stored:
+                self._drop_unclaimed(sha256)  # a registration that failed leaves no orphan behind
+            raise
         if not self.store.exists(sha256):
             self.store.put(folder)  # a prune removed the shared folder while this version was added
         return record
+
+    def _drop_unclaimed(self, sha256: str) -> None:
+        try:
+            with self.session() as session:
+                claimed = session.exec(select(AdapterVersion.id).where(AdapterVersion.sha256 == sha256).limit(1)).first()
+            if claimed is None:
+                self.store.remove(sha256)
+        except (RegistryError, OSError):
+            pass  # cannot tell whether a version uses it: `hatrack check --fix` decides later
 
     # ------------------------------------------------------------ resolve
 
