@@ -46,6 +46,10 @@ def response_headers(target: Target) -> dict[str, str]:
     return headers
 
 
+MIN_TEMPERATURE = 1e-5  # below this, sampling is greedy
+MIN_TOP_P = 1e-6  # at or below this, only the most likely token is kept
+
+
 def sampling_params(body, prompt_len: int, context: int, default_max: int,
                     stop_ids: tuple[int, ...], prompt_param: str = "messages") -> SamplingParams:
     room = context - prompt_len
@@ -63,8 +67,13 @@ def sampling_params(body, prompt_len: int, context: int, default_max: int,
             f"{room} of this model's {context}-token context",
             limit_param, "context_length_exceeded",
         )
+    # a vanishing temperature or top_p means "the most likely token": say so exactly, since
+    # logits / 1e-300 overflow and float32 sampling rounds a top_p of 1e-300 to 0
+    temperature = body.temperature_value
+    if temperature < MIN_TEMPERATURE:
+        temperature = 0.0
     return SamplingParams(
-        max_tokens=limit, temperature=body.temperature_value, top_p=body.top_p_value,
+        max_tokens=limit, temperature=temperature, top_p=max(body.top_p_value, MIN_TOP_P),
         seed=body.seed, stop_token_ids=stop_ids,
     )
 

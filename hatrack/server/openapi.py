@@ -164,8 +164,9 @@ _STREAM_CHUNKS = (ChatCompletionChunk, TextCompletionChunk)
 
 
 def install_openapi(app: FastAPI) -> None:
-    """Build /openapi.json once: FastAPI's schema, plus the streamed chunk models, and
-    without the 422 validation answer FastAPI adds by itself (hatrack answers 400)."""
+    """Build /openapi.json once: FastAPI's schema, plus the streamed chunk models, the
+    bearer key marked optional (an open server needs none), and without the 422
+    validation answer FastAPI adds by itself (hatrack answers 400)."""
 
     def build() -> dict[str, Any]:
         if app.openapi_schema is not None:
@@ -179,6 +180,8 @@ def install_openapi(app: FastAPI) -> None:
             components[model.__name__] = generated
         for path in schema.get("paths", {}).values():
             for operation in path.values():
+                if operation.get("security") and {} not in operation["security"]:
+                    operation["security"].append({})  # a key is needed only once keys exist
                 responses = operation.get("responses", {})
                 generated_422 = responses.get("422", {}).get("content", {}).get("application/json", {})
                 if generated_422.get("schema", {}).get("$ref", "").endswith("/HTTPValidationError"):

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, WithJsonSchema, field_validator
 from pydantic_core import PydanticCustomError
 
 MAX_STOP_SEQUENCES = 4
@@ -33,6 +33,17 @@ def unsupported(param: str, what: str) -> PydanticCustomError:
         "unsupported_parameter", "{param}: {what} is not supported by hatrack",
         {"param": param, "what": what},
     )
+
+
+def only(*accepted: dict[str, Any]) -> WithJsonSchema:
+    """The published schema of a field accepted only in these shapes (or null), so
+    /openapi.json says what really passes; the validator says why anything else fails."""
+    return WithJsonSchema({"anyOf": [*accepted, {"type": "null"}]})
+
+
+_STOP_TEXT = {"type": "string", "minLength": 1, "maxLength": MAX_STOP_CHARS}
+_EMPTY_LIST = {"type": "array", "maxItems": 0}
+_EMPTY_OBJECT = {"type": "object", "maxProperties": 0}
 
 
 def _neutral(value: Any, neutral: tuple, param: str, what: str) -> Any:
@@ -65,15 +76,17 @@ class _Request(BaseModel):
     max_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS)
     temperature: float | None = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float | None = Field(default=1.0, gt=0.0, le=1.0)
-    n: int | None = Field(default=1, ge=1, le=128)
+    n: Annotated[int | None, only({"const": 1})] = Field(default=1, ge=1, le=128)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     # validate_default: an omitted stop must become [] too, not stay None
-    stop: Union[str, list[str], None] = Field(default=None, validate_default=True)
+    stop: Annotated[Union[str, list[str], None],
+                    only(_STOP_TEXT, {"type": "array", "items": _STOP_TEXT, "maxItems": MAX_STOP_SEQUENCES})] = \
+        Field(default=None, validate_default=True)
     seed: int | None = Field(default=None, ge=-INT64, le=INT64 - 1)
-    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
-    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
-    logit_bias: dict[str, int] | None = None
+    presence_penalty: Annotated[float | None, only({"const": 0})] = Field(default=None, ge=-2.0, le=2.0)
+    frequency_penalty: Annotated[float | None, only({"const": 0})] = Field(default=None, ge=-2.0, le=2.0)
+    logit_bias: Annotated[dict[str, int] | None, only(_EMPTY_OBJECT)] = None
     user: str | None = None
     metadata: dict[str, str] | None = None
     store: bool | None = None
@@ -143,9 +156,9 @@ class ChatMessage(BaseModel):
     name: str | None = Field(default=None, max_length=256)
     # an assistant reply sent back as history carries these, empty
     refusal: str | None = None
-    tool_calls: list[dict[str, Any]] | None = None
+    tool_calls: Annotated[list[dict[str, Any]] | None, only(_EMPTY_LIST)] = None
     tool_call_id: str | None = None
-    function_call: dict[str, Any] | None = None
+    function_call: Annotated[dict[str, Any] | None, only()] = None
 
     @field_validator("content", mode="before")
     @classmethod
@@ -187,15 +200,20 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(_Request):
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS)
-    logprobs: bool | None = None
-    top_logprobs: int | None = Field(default=None, ge=0, le=20)
-    response_format: ResponseFormat | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: Union[Literal["none", "auto", "required"], dict[str, Any], None] = None
+    logprobs: Annotated[bool | None, only({"const": False})] = None
+    top_logprobs: Annotated[int | None, only({"const": 0})] = Field(default=None, ge=0, le=20)
+    response_format: Annotated[ResponseFormat | None, only({
+        "type": "object", "properties": {"type": {"const": "text"}}, "required": ["type"],
+        "additionalProperties": False})] = None
+    tools: Annotated[list[dict[str, Any]] | None, only(_EMPTY_LIST)] = None
+    tool_choice: Annotated[Union[Literal["none", "auto", "required"], dict[str, Any], None],
+                           only({"enum": ["none", "auto"]})] = None
     parallel_tool_calls: bool | None = None
-    functions: list[dict[str, Any]] | None = None
-    function_call: Union[Literal["none", "auto"], dict[str, Any], None] = None
-    modalities: list[Literal["text", "audio"]] | None = None
+    functions: Annotated[list[dict[str, Any]] | None, only(_EMPTY_LIST)] = None
+    function_call: Annotated[Union[Literal["none", "auto"], dict[str, Any], None],
+                             only({"enum": ["none", "auto"]})] = None
+    modalities: Annotated[list[Literal["text", "audio"]] | None,
+                          only({"type": "array", "items": {"const": "text"}})] = None
 
     @field_validator("logprobs")
     @classmethod
@@ -233,12 +251,14 @@ class ChatCompletionRequest(_Request):
 
 
 class CompletionRequest(_Request):
-    prompt: Union[str, list[str]]
+    prompt: Annotated[Union[str, list[str]], WithJsonSchema({"anyOf": [
+        {"type": "string", "minLength": 1},
+        {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1, "maxItems": 1}]})]
     max_tokens: int | None = Field(default=16, ge=1, le=MAX_TOKENS)
-    echo: bool | None = None
-    best_of: int | None = Field(default=None, ge=1, le=20)
-    logprobs: int | None = Field(default=None, ge=0, le=5)
-    suffix: str | None = None
+    echo: Annotated[bool | None, only({"const": False})] = None
+    best_of: Annotated[int | None, only({"const": 1})] = Field(default=None, ge=1, le=20)
+    logprobs: Annotated[int | None, only()] = Field(default=None, ge=0, le=5)
+    suffix: Annotated[str | None, only({"const": ""})] = None
 
     @field_validator("prompt")
     @classmethod
@@ -247,6 +267,8 @@ class CompletionRequest(_Request):
             if len(value) != 1:
                 raise unsupported("prompt", "more or fewer than one prompt per request")
             value = value[0]
+        if not value:
+            raise PydanticCustomError("empty_prompt", "the prompt is empty")
         return value
 
     @field_validator("echo")
