@@ -213,6 +213,18 @@ def test_hostile_numbers_in_text_completion_fields_are_400_naming_it(served, fie
     assert_serving(served)
 
 
+@pytest.mark.parametrize("extra", [
+    {"temperature": 5e-324}, {"temperature": 1e-300}, {"top_p": 5e-324}, {"top_p": 1e-300, "temperature": 2},
+])
+def test_vanishing_temperature_or_top_p_means_the_most_likely_token(served, extra):
+    # found by schemathesis: these once reached the sampler as inf / 0 and failed with a 500
+    resp = httpx.post(f"{served.url}{CHAT}", json={"model": "acme-support", "messages": HI, "max_tokens": 4,
+                                                   "seed": 1, **extra})
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["choices"][0]["message"]["content"] == served.reference["acme-support"]
+    assert_serving(served)
+
+
 @pytest.mark.parametrize("body,param", [
     ({"foo": 1}, "foo"),
     ({"messages": [{"role": "user", "content": "hi", "mood": "angry"}]}, "messages[0].mood"),
