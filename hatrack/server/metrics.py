@@ -38,6 +38,11 @@ class ServerMetrics:
             "hatrack_adapter_load_seconds", "Time to bring an adapter into a device slot",
             buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5), registry=r,
         )
+        self.engine_tokens = Gauge(
+            "hatrack_engine_generated_tokens",
+            "Tokens sampled by the engine since start, cancelled requests included", registry=r,
+        )
+        self.engine_steps = Gauge("hatrack_engine_decode_steps", "Decode steps run since start", registry=r)
         self._seen_loads = 0
         self._shown_adapters: set[str] = set()
 
@@ -45,6 +50,8 @@ class ServerMetrics:
         """Copy the engine's current stats into the gauges (called at scrape time)."""
         self.queue_depth.set(stats.queue_depth)
         self.running.set(stats.running)
+        self.engine_tokens.set(stats.tokens_generated)
+        self.engine_steps.set(stats.steps)
         loaded = set(stats.loaded_adapters)
         self.loaded_adapters.set(len(loaded))
         for key in self._shown_adapters | loaded:
