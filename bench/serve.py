@@ -1,9 +1,10 @@
 """Serving benchmark: hatrack's server over the OpenAI API vs the naive PEFT recipe.
 
-Starts `hatrack serve` (in-process uvicorn, loopback) on the default base with 8
-distinct random adapters, drives it with concurrent streaming clients, then runs the
-naive baseline in the same process: one request at a time, a PeftModel holding the
-8 adapters and `set_adapter` before each `generate`. Same base precision both sides.
+Starts `hatrack serve` as its own process (loopback) on the default base with 8
+distinct random adapters, drives it with concurrent streaming clients through the
+official openai client, then runs the naive baseline in this process: one request at a
+time, a PeftModel holding the 8 adapters and `set_adapter` before each `generate`.
+Same base precision on both sides.
 
     python bench/serve.py [--quantize nf4] [--concurrency 8 32] [--requests 32] [--out FILE]
 
@@ -122,6 +123,16 @@ def time_to_new_adapter(url: str, registry, folder: Path, base: str) -> float:
     return time.perf_counter() - t - warm
 
 
+def _cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quantize", default="nf4", choices=["nf4", "none"])
@@ -134,10 +145,12 @@ def main() -> None:
     home = Path(tempfile.mkdtemp(prefix="hatrack-bench-"))
     os.environ["HATRACK_HOME"] = str(home)
     os.environ.pop("HATRACK_DB_URL", None)
+    # the converted default base is shared with the test suite's cache (converted once)
+    os.environ.setdefault("HATRACK_BASES_DIR", str(Path(__file__).resolve().parent.parent / ".test-cache" / "bases"))
+    from serving import ServerProcess
+
     from hatrack import basemodel
     from hatrack.registry import Registry
-    from hatrack.server.app import ServeConfig
-    from hatrack.server.background import BackgroundServer
 
     registry = Registry()
     base = basemodel.ensure_base(registry)
@@ -147,8 +160,9 @@ def main() -> None:
     names = [f"a{i}" for i in range(8)]
 
     rows = []
-    config = ServeConfig(quantize=args.quantize, device="cpu", max_loaded=8, max_batch=32)
-    with BackgroundServer(config, registry) as server:
+    server = ServerProcess(home, "--quantize", args.quantize, "--device", "cpu", "--max-loaded", "8",
+                           "--max-batch", "32").start(timeout=600)
+    try:
         drive(server.url, names, 8, 8)  # warm-up: loads all 8 adapters
         for conc in args.concurrency:
             total = max(args.requests, conc)
@@ -157,12 +171,14 @@ def main() -> None:
             rows.append((f"base only, c={conc}", base_run))
             rows.append((f"8 adapters mixed, c={conc}", mixed))
         new_adapter_s = time_to_new_adapter(server.url, registry, adapters[8], base.name)
+    finally:
+        server.stop()
     naive = naive_baseline(Path(base.path), adapters[:8], args.quantize, args.naive_requests)
     rows.append(("naive PEFT set_adapter, one at a time", naive))
 
     lines = [
         f"Serving benchmark — {date.today()} — `python bench/serve.py --quantize {args.quantize}` — "
-        f"{platform.machine()}, {os.cpu_count()} cores, torch threads default",
+        f"{platform.machine()} {_cpu_name()}, {os.cpu_count()} cores, torch threads default",
         "",
         "| run | output tok/s | p50 latency s | p95 latency s | p50 TTFT s |",
         "|---|---|---|---|---|",
