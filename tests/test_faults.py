@@ -55,13 +55,24 @@ if when.startswith("mid-state:"):
     TrainerState.save_to_json = save_to_json
 
 def replace(src, dst, *args, **kwargs):
-    if os.path.basename(os.fspath(src)).startswith(TMP_PREFIX):
+    if when in ("before-rename", "after-rename") and os.path.basename(os.fspath(src)).startswith(TMP_PREFIX):
         if when == "after-rename":
             real_replace(src, dst, *args, **kwargs)
         os.kill(os.getpid(), signal.SIGKILL)
     return real_replace(src, dst, *args, **kwargs)
 
 os.replace = replace
+
+if when == "after-register":  # the version is committed; its run folder not yet removed
+    import shutil
+    real_rmtree = shutil.rmtree
+
+    def rmtree(path, *args, **kwargs):
+        if os.path.basename(os.path.dirname(os.fspath(path))) == "runs":
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real_rmtree(path, *args, **kwargs)
+
+    shutil.rmtree = rmtree
 from hatrack.cli.main import main
 sys.argv[0] = "hatrack"
 main()
@@ -306,3 +317,19 @@ def test_prune_while_streaming_finishes_cleanly_and_later_requests_404(serving, 
     cli("prune", "--name", "cached", "--keep-last", "0", "--yes")
     assert chat(server, "cached").status_code == 404  # in memory, but the registry says it is gone
     assert server.proc.poll() is None and httpx.get(f"{server.url}/health").status_code == 200
+
+
+def test_resume_after_the_version_was_registered_does_not_register_twice(train_home):
+    """Killed after registration but before its checkpoints were cleaned up: --resume
+    must say the run is done, not train and register a second copy."""
+    home, data, driver = train_home
+    killed = TrainRun(data, driver=driver, kill_at="after-register")
+    assert killed.wait() == -signal.SIGKILL, killed.text[-2000:]
+    assert [v.version for v in assert_consistent(home)] == [1], killed.text[-3000:]
+    assert list((home / "runs").glob("acme-*")), "the kill should have left the run folder"
+
+    again = cli("train", "--data", str(data), *TRAIN_ARGS, "--resume", ok=False)
+    assert again.returncode == 1
+    assert "already registered as acme@1" in again.stderr and "Traceback" not in again.stderr
+    assert [v.version for v in assert_consistent(home)] == [1]
+    assert not list((home / "runs").glob("acme-*"))  # the finished run's leftovers are gone

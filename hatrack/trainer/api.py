@@ -12,6 +12,7 @@ import importlib.metadata
 import json
 import shutil
 import sys
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,7 @@ class TrainConfig:
     batch_size: int = 4  # small per-customer sets learn more from more, smaller steps
     max_length: int = 1024
     parent: str | None = None  # NAME@V: start from that version's adapter
+    run_id: str | None = None  # set when a run starts; lets --resume see the run was already registered
 
 
 @dataclass
@@ -114,8 +116,24 @@ def _prepare_run_dir(config: TrainConfig, dataset_sha: str) -> tuple[TrainConfig
     if run_dir.exists():
         shutil.rmtree(run_dir)  # a fresh run replaces an abandoned one
     run_dir.mkdir(parents=True)
+    config = dataclasses.replace(config, run_id=uuid.uuid4().hex[:16])
     (run_dir / RUN_CONFIG).write_text(json.dumps(dataclasses.asdict(config), indent=2))
     return config, run_dir, None
+
+
+def _refuse_registered_run(registry: Registry, config: TrainConfig, run_dir: Path) -> None:
+    """A run killed after its version was registered but before its folder was removed
+    must not register a second version on --resume."""
+    if not config.run_id:
+        return
+    for row in registry.list_versions(name=config.name):
+        info = registry.version_info(config.name, row["version"])
+        if (info.get("train_config") or {}).get("run_id") == config.run_id:
+            shutil.rmtree(run_dir, ignore_errors=True)
+            raise HatrackError(
+                f"this run was already registered as {info['label']} before it was interrupted; "
+                "nothing to resume"
+            )
 
 
 def train(config: TrainConfig, registry: Registry, *, progress: bool = True) -> TrainOutcome:
@@ -124,6 +142,8 @@ def train(config: TrainConfig, registry: Registry, *, progress: bool = True) -> 
     _check_config(config)
     dataset = data_mod.load_dataset(config.data)  # every bad row is reported before anything else
     config, run_dir, checkpoint = _prepare_run_dir(config, dataset.sha256)
+    if config.resume:
+        _refuse_registered_run(registry, config, run_dir)
 
     parent_version, parent_dir = None, None
     base_name = config.base
