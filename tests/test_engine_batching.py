@@ -269,6 +269,17 @@ def test_seeded_sampling_repeats(tiny, adapters, engine_factory):
     assert first.result()[0] != alone(engine, prompt, spec(adapters["a"]), SamplingParams(max_tokens=16, temperature=0))
 
 
+def test_vanishing_temperature_and_top_p_answer_greedily(tiny, engine_factory):
+    _, tok = tiny
+    engine = engine_factory()
+    engine.start()
+    prompt = ids(tok, PROMPTS[0])
+    greedy = alone(engine, prompt, None)
+    for temperature, top_p in ((1e-300, 1.0), (1.0, 5e-324), (1e-30, 1e-30)):
+        params = SamplingParams(max_tokens=12, temperature=temperature, top_p=top_p, seed=3)
+        assert alone(engine, prompt, None, params) == greedy, (temperature, top_p)
+
+
 def test_stop_token_ends_the_answer(tiny, engine_factory):
     _, tok = tiny
     engine = engine_factory()

@@ -131,7 +131,7 @@ def test_unsafe_or_broken_folders_are_refused_before_storing(reg: Registry, adap
     (no_config / "adapter_model.safetensors").write_bytes((adapters["a"] / "adapter_model.safetensors").read_bytes())
     with pytest.raises(ArtifactError, match="missing adapter_config.json"):
         reg.register(no_config, name="acme", base=TINY)
-    for bad in ("../evil", "A B", "x/y", "", "-lead"):
+    for bad in ("../evil", "A B", "x/y", "", "-lead", "acme\n"):
         with pytest.raises(InvalidNameError):
             reg.register(adapters["a"], name=bad, base=TINY)
     assert list((hatrack_home / "store").iterdir()) == []

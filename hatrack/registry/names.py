@@ -16,7 +16,7 @@ PROD = "prod"
 
 def validate_name(name: str) -> str:
     """`name` itself when it matches ^[a-z0-9][a-z0-9._-]{0,63}$, else InvalidNameError."""
-    if not isinstance(name, str) or not NAME_RE.match(name):
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         raise InvalidNameError(
             f"invalid name {name!r}: expected lowercase letters, digits, '.', '_' or '-' "
             f"(1-64 characters, starting with a letter or digit)"
@@ -25,7 +25,7 @@ def validate_name(name: str) -> str:
 
 
 def validate_alias(alias: str) -> str:
-    if not isinstance(alias, str) or not NAME_RE.match(alias):
+    if not isinstance(alias, str) or not NAME_RE.fullmatch(alias):
         raise InvalidNameError(
             f"invalid alias {alias!r}: expected lowercase letters, digits, '.', '_' or '-'"
         )
@@ -35,7 +35,7 @@ def validate_alias(alias: str) -> str:
 
 
 def validate_tag_key(key: str) -> str:
-    if not isinstance(key, str) or not TAG_KEY_RE.match(key):
+    if not isinstance(key, str) or not TAG_KEY_RE.fullmatch(key):
         raise InvalidNameError(f"invalid tag key {key!r}: expected letters, digits, '.', '_' or '-' (1-64)")
     return key
 
@@ -62,7 +62,7 @@ def parse_tag(text: str) -> tuple[str, str]:
 
 
 def validate_pattern(pattern: str) -> str:
-    if not isinstance(pattern, str) or not PATTERN_RE.match(pattern):
+    if not isinstance(pattern, str) or not PATTERN_RE.fullmatch(pattern):
         raise InvalidNameError(
             f"invalid pattern {pattern!r}: expected a glob over adapter names, like 'acme-*'"
         )
@@ -90,6 +90,6 @@ def parse_ref(ref: str) -> Ref:
         if version < 1:
             raise InvalidNameError(f"invalid version in {ref!r}: versions start at 1")
         return Ref(name, version=version)
-    if not NAME_RE.match(selector):
+    if not NAME_RE.fullmatch(selector):
         raise InvalidNameError(f"invalid reference {ref!r}: expected NAME, NAME@VERSION or NAME@ALIAS")
     return Ref(name, alias=selector)

@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from hatrack.errors import HatrackError
 from hatrack.server.catalog import Target
 from hatrack.server.engine import SamplingParams
+from hatrack.server.engine.sampling import MIN_TEMPERATURE, MIN_TOP_P
 from hatrack.server.engine.errors import EngineStoppedError, PromptTooLongError, QueueFullError
 from hatrack.server.errors import APIError, bad_request, strip_paths
 from hatrack.server.schemas import new_id, now, usage
@@ -44,10 +45,6 @@ def response_headers(target: Target) -> dict[str, str]:
     if target.resolved.sha256:
         headers["X-Hatrack-Artifact-Sha256"] = target.resolved.sha256
     return headers
-
-
-MIN_TEMPERATURE = 1e-5  # below this, sampling is greedy
-MIN_TOP_P = 1e-6  # at or below this, only the most likely token is kept
 
 
 def sampling_params(body, prompt_len: int, context: int, default_max: int,

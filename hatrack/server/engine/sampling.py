@@ -9,8 +9,12 @@ import torch
 from hatrack.server.engine.types import SamplingParams
 
 
+MIN_TEMPERATURE = 1e-5  # below this, sampling is greedy (logits / 1e-300 overflows float32)
+MIN_TOP_P = 1e-6  # float32 rounds a smaller top_p to 0, which would keep no token at all
+
+
 def make_generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:
-    if params.temperature <= 0:
+    if params.temperature < MIN_TEMPERATURE:
         return None
     generator = torch.Generator(device=device)
     generator.manual_seed(params.seed if params.seed is not None else random.getrandbits(63))
@@ -18,7 +22,10 @@ def make_generator(params: SamplingParams, device: torch.device) -> torch.Genera
 
 
 def sample_one(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> int:
+    if temperature < MIN_TEMPERATURE:
+        return int(logits.argmax().item())
     probs = torch.softmax(logits.float() / temperature, dim=-1)
+    top_p = max(top_p, MIN_TOP_P)
     if top_p < 1.0:
         sorted_probs, order = probs.sort(descending=True)
         # keep the smallest prefix whose mass reaches top_p (the first token always stays)
