@@ -119,28 +119,30 @@ def _mixed(engine: Engine, jobs):
     return [h.result(timeout=60)[0] for h in handles]
 
 
-def test_mixed_batch_equals_each_alone(tiny, adapters, engine_factory):
+@pytest.mark.parametrize("cpu_kernel", [True, False], ids=["kernel", "torch-ops"])
+def test_mixed_batch_equals_each_alone(tiny, adapters, engine_factory, cpu_kernel):
     _, tok = tiny
     jobs = [(ids(tok, PROMPTS[i % 3]), None if name is None else spec(adapters[name])) for i, name in
             enumerate(["a", None, "b", "c", "a", None])]
-    solo = engine_factory()
+    solo = engine_factory(cpu_kernel=cpu_kernel)
     solo.start()
     want = [alone(solo, p, a) for p, a in jobs]
     assert len({tuple(w) for w in want}) >= 4  # adapters and prompts give different answers
-    mixed = engine_factory()
+    mixed = engine_factory(cpu_kernel=cpu_kernel)
     assert _mixed(mixed, jobs) == want
     # one shared batch (adapters join once their load lands): about one step per token,
     # not one per token per request
     assert mixed.stats().steps < 2 * GREEDY.max_tokens
 
 
-def test_full_device_cache_keeps_rows_apart(tiny, adapters, engine_factory):
+@pytest.mark.parametrize("cpu_kernel", [True, False], ids=["kernel", "torch-ops"])
+def test_full_device_cache_keeps_rows_apart(tiny, adapters, engine_factory, cpu_kernel):
     _, tok = tiny
     prompt = ids(tok, PROMPTS[1])
-    solo = engine_factory()
+    solo = engine_factory(cpu_kernel=cpu_kernel)
     solo.start()
     want = {n: alone(solo, prompt, None if n is None else spec(adapters[n])) for n in ("a", "b", "c", None)}
-    engine = engine_factory(max_loaded=2)
+    engine = engine_factory(max_loaded=2, cpu_kernel=cpu_kernel)
     jobs = [(prompt, spec(adapters["a"])), (prompt, None), (prompt, spec(adapters["b"])), (prompt, None)]
     got = _mixed(engine, jobs)
     assert got == [want["a"], want[None], want["b"], want[None]]

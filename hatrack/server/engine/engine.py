@@ -28,7 +28,8 @@ from hatrack.server.engine.errors import (
 from hatrack.server.engine.handle import RequestHandle
 from hatrack.server.engine.model import LlamaRunner
 from hatrack.server.engine.sampling import make_generator, pick_tokens
-from hatrack.server.engine.slots import RowBank, SlotBank, lora_dtype_for
+from hatrack.server.engine import cpu_kernel as cpu_kernel_module
+from hatrack.server.engine.slots import KernelRows, RowBank, SlotBank, lora_dtype_for
 from hatrack.server.engine.types import AdapterSpec, EngineStats, SamplingParams, TokenEvent
 
 log = logging.getLogger("hatrack.engine")
@@ -65,7 +66,10 @@ class Engine:
         max_context: int | None = None,
         max_rank: int = 64,
         max_waiting: int = 256,
+        cpu_kernel: bool = True,
     ):
+        """cpu_kernel: on CPU, use the compiled LoRA decode kernel where it can be built
+        (False: torch ops only)."""
         if max_loaded < 1 or max_batch < 1 or max_rank < 1 or max_waiting < 1:
             raise EngineError("max_loaded, max_batch, max_rank and max_waiting must be at least 1")
         self.model = model
@@ -73,9 +77,10 @@ class Engine:
         self.max_batch = max_batch
         self.max_waiting = max_waiting
         self.runner = LlamaRunner(model, max_batch=max_batch, max_context=max_context)
-        lora_dtype = lora_dtype_for(self.runner.device, self.runner.dtype)
+        kernel = cpu_kernel_module.load() if cpu_kernel and self.runner.device.type == "cpu" else None
+        lora_dtype = lora_dtype_for(self.runner.device, self.runner.dtype, cpu_kernel=kernel is not None)
         self.bank = SlotBank(self.runner.layers, max_loaded, max_rank, lora_dtype, self.runner.device)
-        self.rows = RowBank(self.bank, max_batch)
+        self.rows: RowBank | KernelRows = KernelRows(self.bank, kernel) if kernel else RowBank(self.bank, max_batch)
         self.cache = AdapterCache(self.bank, max_host, on_ready=self._kick)
         self._cond = threading.Condition()
         self._inbox: list[_Sequence] = []

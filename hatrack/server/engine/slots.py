@@ -14,9 +14,11 @@ the row gets a new sequence, not at every step: in steady decoding it costs noth
 Each row's result comes from its own batch entry of the matmul, so it does not depend
 on which other rows share the batch.
 
-On CPU the LoRA weights and matmuls are fp32: torch's batched matmul is several times
-faster there in fp32 than in bf16, and the term is added to the base output in the
-model's dtype.
+KernelRows does the same on CPU without copies: the compiled kernel (cpu_kernel.py)
+reads each row's adapter in place from the slot bank, so the bank can hold bf16
+weights on a bf16 model (half the bytes a decode step must read). Without the kernel,
+the LoRA weights on CPU are fp32: torch's batched matmul is several times faster there
+in fp32 than in bf16, and the term is added to the base output in the model's dtype.
 """
 
 from __future__ import annotations
@@ -41,8 +43,10 @@ _MODULE = re.compile(r"^(?:.*\.)?layers\.(\d+)\.(.+)$")
 _RANK_STEP = 8  # bank rank grows in multiples of this
 
 
-def lora_dtype_for(device: torch.device, model_dtype: torch.dtype) -> torch.dtype:
-    return torch.float32 if device.type == "cpu" else model_dtype
+def lora_dtype_for(device: torch.device, model_dtype: torch.dtype, cpu_kernel: bool = False) -> torch.dtype:
+    if device.type != "cpu":
+        return model_dtype
+    return model_dtype if cpu_kernel and model_dtype in (torch.float32, torch.bfloat16) else torch.float32
 
 
 class SlotBank:
@@ -62,6 +66,7 @@ class SlotBank:
                 self.in_dim[group] = int(module.in_features)
                 self.out_dim[suffix] = int(module.out_features)
         self.rank = 0  # 0 until the first adapter is written
+        self.generation = 0  # bumped when the tensors are reallocated (rank growth)
         self.A: dict[str, torch.Tensor] = {}
         self.B: dict[str, torch.Tensor] = {}
         self.slot_groups: list[frozenset[str]] = [frozenset()] * (n_slots + 1)
@@ -130,6 +135,7 @@ class SlotBank:
                     b[:, :, :old].copy_(self.B[suffix])
                 self.B[suffix] = b
         self.rank = new
+        self.generation += 1
 
     def apply_slot(self, slot: int, layer: int, group: str, x: torch.Tensor, outs: tuple[torch.Tensor, ...]) -> None:
         """outs[j] += LoRA term of one slot's module j of `group` for every row of x (a prefill)."""
@@ -195,3 +201,43 @@ class RowBank:
         xa = torch.bmm(x.to(self.slots.dtype)[:, None], self.A[group][layer, :n])  # [n, 1, n_modules * r]
         for j, (suffix, y) in enumerate(zip(SUFFIXES[group], outs)):
             y.add_(torch.bmm(xa[:, :, j * r : (j + 1) * r], self.B[suffix][layer, :n])[:, 0])
+
+
+class KernelRows:
+    """RowBank's interface over the CPU kernel: no per-row copies; each row's adapter is
+    read where it lies in the slot bank."""
+
+    def __init__(self, slots: SlotBank, kernel) -> None:
+        self.slots = slots
+        self.kernel = kernel
+        self._row_slots = torch.zeros(0, dtype=torch.int64)
+        self._groups: frozenset[str] = frozenset()
+        # per (layer, group): the bank's A and B views, built once per bank generation
+        # (120 kernel calls a step on a 30-layer model: views are not free)
+        self._views: dict[tuple[int, str], tuple[torch.Tensor, list[torch.Tensor]]] = {}
+        self._generation = -1
+
+    def prepare(self, row_slots: list[int]) -> bool:
+        """Remember each row's slot; False if no row uses an adapter."""
+        if max(row_slots) == 0:
+            return False
+        self._row_slots = torch.tensor(row_slots, dtype=torch.int64)
+        s = self.slots
+        self._groups = frozenset().union(*(s.slot_groups[slot] for slot in row_slots))
+        return True
+
+    def apply(self, n: int, layer: int, group: str, x: torch.Tensor, outs: tuple[torch.Tensor, ...]) -> None:
+        """outs[j] += each row's own LoRA term for module j of `group`; x is [n, in]."""
+        if group not in self._groups:
+            return
+        s = self.slots
+        if self._generation != s.generation:
+            self._views.clear()
+            self._generation = s.generation
+        views = self._views.get((layer, group))
+        if views is None:
+            views = (s.A[group][layer], [s.B[suffix][layer] for suffix in SUFFIXES[group]])
+            self._views[layer, group] = views
+        if x.dtype != outs[0].dtype or x.stride(-1) != 1:
+            x = x.to(outs[0].dtype).contiguous()
+        self.kernel.lora_decode(x, self._row_slots, views[0], views[1], list(outs), s.rank)

@@ -1,0 +1,83 @@
+"""The CPU decode kernel for the per-row LoRA term (csrc/lora_cpu.cpp), compiled on
+first use with the machine's C++ compiler and cached.
+
+Why a kernel: a decode step that mixes adapters is bound by reading their weights. torch's
+batched matmul needs a gathered copy of each row's adapter and runs bf16 far below memory
+speed on CPU; the kernel reads every row's adapter in place from the slot bank, in bf16,
+once per distinct adapter. Where it cannot be built (no compiler, no ninja) the engine
+falls back to torch ops and says so once in the log; HATRACK_CPU_KERNEL=0 turns it off.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import threading
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("hatrack.engine")
+
+SOURCE = Path(__file__).with_name("csrc") / "lora_cpu.cpp"
+# -fopenmp: at::parallel_for is OpenMP in torch's CPU builds (without it the kernel runs on
+# one thread); the module then binds to the libgomp torch has already loaded.
+CFLAGS = ["-O3", "-march=native", "-fopenmp"]
+LDFLAGS = ["-fopenmp"]
+_lock = threading.Lock()
+_loaded: dict[str, Any] = {}
+
+
+def cache_dir() -> Path:
+    """HATRACK_KERNEL_CACHE, else the user's cache folder: shared by every HATRACK_HOME on
+    this machine, so a build happens once per machine and source version."""
+    if os.environ.get("HATRACK_KERNEL_CACHE"):
+        return Path(os.environ["HATRACK_KERNEL_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "hatrack" / "kernels"
+
+
+def _cpu_signature() -> str:
+    """-march=native code only runs on the CPU it was built for: key the build by it."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("flags"):
+                    return line
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def build_name() -> str:
+    import torch
+
+    digest = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), torch.__version__.encode(), " ".join(CFLAGS).encode(),
+                 _cpu_signature().encode()):
+        digest.update(part)
+    return f"hatrack_lora_cpu_{digest.hexdigest()[:16]}"
+
+
+def load() -> Any | None:
+    """The compiled module, or None where it cannot be built (the reason is logged once)."""
+    if os.environ.get("HATRACK_CPU_KERNEL", "1") == "0":
+        return None
+    with _lock:
+        if "module" in _loaded:
+            return _loaded["module"]
+        module = None
+        try:
+            from torch.utils.cpp_extension import load as build
+
+            name = build_name()
+            folder = cache_dir() / name
+            folder.mkdir(parents=True, exist_ok=True)
+            module = build(name=name, sources=[str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=LDFLAGS, build_directory=str(folder),
+                           verbose=False)
+        except Exception as exc:  # no compiler, no ninja, a read-only cache: torch ops instead
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            log.warning("CPU LoRA kernel unavailable (%s); using torch ops, slower for mixed batches", first[:300])
+        _loaded["module"] = module
+        return module
