@@ -73,32 +73,41 @@ def drive(url: str, models: list[str], concurrency: int, total: int) -> dict:
     }
 
 
-def naive_baseline(base_dir: Path, adapters: list[Path], quantize: str, total: int) -> dict:
+class NaiveBaseline:
     """The tutorial way: one PeftModel, set_adapter before each request, one at a time."""
-    import torch
-    from peft import PeftModel
 
-    from hatrack import basemodel
+    def __init__(self, base_dir: Path, adapters: list[Path], quantize: str) -> None:
+        from peft import PeftModel
 
-    model, tok = basemodel.load_base(base_dir, quantize=quantize, device="cpu")
-    peft = PeftModel.from_pretrained(model, adapters[0], adapter_name="a0")
-    for i, path in enumerate(adapters[1:], start=1):
-        peft.load_adapter(path, adapter_name=f"a{i}")
-    prompt = tok.apply_chat_template([{"role": "user", "content": QUESTION}],
-                                     add_generation_prompt=True, tokenize=False)
-    ids = tok(prompt, return_tensors="pt", add_special_tokens=False)
-    latencies, tokens = [], 0
-    started = time.perf_counter()
-    with torch.inference_mode():
-        for i in range(total):
-            t = time.perf_counter()
-            peft.set_adapter(f"a{i % len(adapters)}")
-            out = peft.generate(**ids, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
-                                do_sample=False, pad_token_id=tok.eos_token_id)
-            tokens += out.shape[1] - ids["input_ids"].shape[1]
-            latencies.append(time.perf_counter() - t)
-    wall = time.perf_counter() - started
-    latencies.sort()
+        from hatrack import basemodel
+
+        model, self.tok = basemodel.load_base(base_dir, quantize=quantize, device="cpu")
+        self.peft = PeftModel.from_pretrained(model, adapters[0], adapter_name="a0")
+        for i, path in enumerate(adapters[1:], start=1):
+            self.peft.load_adapter(path, adapter_name=f"a{i}")
+        self.n = len(adapters)
+        prompt = self.tok.apply_chat_template([{"role": "user", "content": QUESTION}],
+                                              add_generation_prompt=True, tokenize=False)
+        self.ids = self.tok(prompt, return_tensors="pt", add_special_tokens=False)
+
+    def run(self, total: int) -> dict:
+        import torch
+
+        latencies, tokens = [], 0
+        started = time.perf_counter()
+        with torch.inference_mode():
+            for i in range(total):
+                t = time.perf_counter()
+                self.peft.set_adapter(f"a{i % self.n}")
+                out = self.peft.generate(**self.ids, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+                                         do_sample=False, pad_token_id=self.tok.eos_token_id)
+                tokens += out.shape[1] - self.ids["input_ids"].shape[1]
+                latencies.append(time.perf_counter() - t)
+        return _summary(latencies, tokens, time.perf_counter() - started)
+
+
+def _summary(latencies: list[float], tokens: int, wall: float) -> dict:
+    latencies = sorted(latencies)
     return {"tok_s": tokens / wall, "p50": statistics.median(latencies),
             "p95": latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))],
             "ttft_p50": float("nan"), "tokens": tokens}
@@ -123,6 +132,10 @@ def time_to_new_adapter(url: str, registry, folder: Path, base: str) -> float:
     return time.perf_counter() - t - warm
 
 
+def _median_run(runs: list[dict]) -> dict:
+    return {key: statistics.median(r[key] for r in runs) for key in runs[0]}
+
+
 def _cpu_name() -> str:
     try:
         for line in open("/proc/cpuinfo"):
@@ -139,6 +152,8 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[8, 32])
     parser.add_argument("--requests", type=int, default=32, help="requests per run")
     parser.add_argument("--naive-requests", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="base-only and mixed runs alternate this many times; medians are reported")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
 
@@ -160,24 +175,35 @@ def main() -> None:
     names = [f"a{i}" for i in range(8)]
 
     rows = []
+    ratios: dict[int, tuple[float, float]] = {}
+    naive = NaiveBaseline(Path(base.path), adapters[:8], args.quantize)
     server = ServerProcess(home, "--quantize", args.quantize, "--device", "cpu", "--max-loaded", "8",
                            "--max-batch", "32").start(timeout=600)
     try:
         drive(server.url, names, 8, 8)  # warm-up: loads all 8 adapters
+        naive_runs = []
         for conc in args.concurrency:
             total = max(args.requests, conc)
-            base_run = drive(server.url, [base.name], conc, total)
-            mixed = drive(server.url, names, conc, total)
-            rows.append((f"base only, c={conc}", base_run))
-            rows.append((f"8 adapters mixed, c={conc}", mixed))
+            # alternate the runs so a noisy neighbour or a slow drift hits every side alike;
+            # ratios are medians of the per-round ratios
+            rounds = []
+            for _ in range(args.repeats):
+                base_run, mixed = drive(server.url, [base.name], conc, total), drive(server.url, names, conc, total)
+                naive_run = naive.run(args.naive_requests)
+                naive_runs.append(naive_run)
+                rounds.append((base_run, mixed, naive_run))
+            rows.append((f"base only, c={conc}", _median_run([b for b, _, _ in rounds])))
+            rows.append((f"8 adapters mixed, c={conc}", _median_run([m for _, m, _ in rounds])))
+            ratios[conc] = (statistics.median(m["tok_s"] / b["tok_s"] for b, m, _ in rounds),
+                            statistics.median(m["tok_s"] / n["tok_s"] for _, m, n in rounds))
         new_adapter_s = time_to_new_adapter(server.url, registry, adapters[8], base.name)
     finally:
         server.stop()
-    naive = naive_baseline(Path(base.path), adapters[:8], args.quantize, args.naive_requests)
-    rows.append(("naive PEFT set_adapter, one at a time", naive))
+    rows.append(("naive PEFT set_adapter, one at a time", _median_run(naive_runs)))
 
     lines = [
-        f"Serving benchmark — {date.today()} — `python bench/serve.py --quantize {args.quantize}` — "
+        f"Serving benchmark — {date.today()} — `python bench/serve.py --quantize {args.quantize} "
+        f"--repeats {args.repeats}` — "
         f"{platform.machine()} {_cpu_name()}, {os.cpu_count()} cores, torch threads default",
         "",
         "| run | output tok/s | p50 latency s | p95 latency s | p50 TTFT s |",
@@ -186,11 +212,11 @@ def main() -> None:
     for label, r in rows:
         lines.append(f"| {label} | {r['tok_s']:.1f} | {r['p50']:.2f} | {r['p95']:.2f} | {r['ttft_p50']:.2f} |")
     for conc in args.concurrency:
-        b = dict(rows)[f"base only, c={conc}"]["tok_s"]
-        m = dict(rows)[f"8 adapters mixed, c={conc}"]["tok_s"]
+        vs_base, vs_naive = ratios[conc]
         lines.append("")
-        lines.append(f"c={conc}: mixed / base-only = **{m / b:.2f}** (target >= 0.85); "
-                     f"mixed / naive = **{m / naive['tok_s']:.1f}x** (target >= 4)")
+        lines.append(f"c={conc}: mixed / base-only = **{vs_base:.2f}** (target >= 0.85); mixed / naive = "
+                     f"**{vs_naive:.1f}x** (target >= 4); medians of {args.repeats} rounds that alternate "
+                     "base-only, mixed and naive runs")
     lines.append(f"\nregistration -> first answer of a new adapter, beyond the answer itself: "
                  f"**{new_adapter_s:.3f} s** (target < 1 s)")
     text = "\n".join(lines)
