@@ -220,3 +220,23 @@ def test_registry_opened_read_only_fails_writes_cleanly(stocked):
     one_clear_line(hatrack("register", str(folder), "--name", "acme", "--base", "tiny", HATRACK_DB_URL=url),
                    "registry.db", "read-only")
     assert_intact(before)
+
+
+def test_full_disk_under_training_checkpoints_is_one_line(train_home, tmp_path, mounts, monkeypatch):
+    """HATRACK_HOME (run folders, checkpoints, store) on a disk that fills while
+    `hatrack train` runs, the registry database elsewhere: the run stops with one line
+    saying what is full, and registers nothing."""
+    home, data, _ = train_home
+    monkeypatch.setenv("HATRACK_DB_URL", f"sqlite:///{home / 'registry.db'}")
+    disk = mounts(["-t", "tmpfs", "-o", "size=4m", "tmpfs"], tmp_path / "homedisk")
+    monkeypatch.setenv("HATRACK_HOME", str(disk))
+
+    run = TrainRun(data)
+    while "rows (" not in run.text and run.proc.poll() is None:  # data read, training about to start
+        time.sleep(0.05)
+    filler = fill(disk)
+    line = one_clear_line(subprocess.CompletedProcess([], run.wait(), "", run.text), "disk full")
+    assert str(disk) in line
+    filler.unlink()
+    listed = hatrack("list", "--json")
+    assert listed.returncode == 0 and json.loads(listed.stdout) == []

@@ -184,6 +184,10 @@ def test_32_clients_over_8_adapters_and_base(loaded_server: ServerProcess):
     warm = max(mb for t, mb in sampler.samples if t - started <= WARM_SECONDS)
     last = max(mb for _, mb in sampler.samples)
     assert last - warm < 10, f"RSS {warm:.0f} MB at {WARM_SECONDS:.0f}s, {last:.0f} MB at the end"
+    # one line for RELIABILITY.md (shown with pytest -s)
+    print(f"\nload: {sum(counted.values())} requests in {round_marks[-1] - started:.0f} s {counted}, "
+          f"server RSS {warm:.0f} MB at {WARM_SECONDS:.0f} s -> {last:.0f} MB at the end, "
+          f"{dropped_tokens:.0f} tokens generated for {counted['dropped']} dropped streams")
 
     # and it still answers exactly as before
     for model in MODELS:

@@ -7,7 +7,7 @@ import sys
 
 import typer
 
-from hatrack.errors import HatrackError
+from hatrack.errors import HatrackError, describe_os_error
 
 app = typer.Typer(
     name="hatrack",
@@ -38,6 +38,9 @@ def main() -> None:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    except OSError as err:  # a full or read-only disk, a missing folder: one line, not a traceback
+        print(f"error: {describe_os_error(err)}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hatrack.errors import HatrackError
+from hatrack.errors import HatrackError, describe_os_error
 from hatrack.trainer.render import Encoded
 from hatrack.trainer.runtime import Runtime
 
@@ -101,8 +101,12 @@ def _callbacks(total: int, progress: bool, stop_flag: dict):
                 self.bar.set_postfix(loss=f"{logs['loss']:.4f}")
 
         def on_train_end(self, args, state, control, **kw):
+            self.close()
+
+        def close(self) -> None:
             if self.bar is not None:
                 self.bar.close()
+                self.bar = None
 
     return [Progress()]
 
@@ -162,12 +166,13 @@ def run(
         include_num_input_tokens_seen="all" if settings.padding_free else "non_padding",
     )
     stop_flag: dict[str, Any] = {}
+    callbacks = _callbacks(total, progress, stop_flag)
     trainer = SFTTrainer(
         model=model,
         args=config,
         train_dataset=dataset,
         processing_class=tokenizer,
-        callbacks=_callbacks(total, progress, stop_flag),
+        callbacks=callbacks,
     )
     from transformers.trainer_callback import PrinterCallback
 
@@ -188,9 +193,13 @@ def run(
     started = time.perf_counter()
     try:
         trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    except OSError as err:  # a checkpoint that cannot be written: say where, in one line
+        raise HatrackError(f"training stopped writing under {run_dir}: {describe_os_error(err)}") from None
     finally:
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
+        for callback in callbacks:  # close the bar before any error line is printed
+            callback.close()
     runtime_s = time.perf_counter() - started
     state = trainer.state
     if stop_flag.get("stop"):
