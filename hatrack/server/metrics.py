@@ -43,6 +43,12 @@ class ServerMetrics:
             "Tokens sampled by the engine since start, cancelled requests included", registry=r,
         )
         self.engine_steps = Gauge("hatrack_engine_decode_steps", "Decode steps run since start", registry=r)
+        self.engine_decode_seconds = Gauge(
+            "hatrack_engine_decode_seconds", "Time spent in decode steps since start", registry=r,
+        )
+        self.engine_prefill_seconds = Gauge(
+            "hatrack_engine_prefill_seconds", "Time spent prefilling prompts since start", registry=r,
+        )
         self._seen_loads = 0
         self._shown_adapters: set[str] = set()
 
@@ -52,6 +58,8 @@ class ServerMetrics:
         self.running.set(stats.running)
         self.engine_tokens.set(stats.tokens_generated)
         self.engine_steps.set(stats.steps)
+        self.engine_decode_seconds.set(stats.decode_seconds)
+        self.engine_prefill_seconds.set(stats.prefill_seconds)
         loaded = set(stats.loaded_adapters)
         self.loaded_adapters.set(len(loaded))
         for key in self._shown_adapters | loaded:
