@@ -57,7 +57,7 @@ def human_age(ts: int | None) -> str:
 
 
 def _fmt_score(value: float | None) -> str:
-    return "-" if value is None else f"{value:.4g}"
+    return "-" if value is None else f"{value:.3g}"
 
 
 def print_versions(rows: list[dict], console=None) -> None:
@@ -69,20 +69,30 @@ def print_versions(rows: list[dict], console=None) -> None:
     if not rows:
         console.print("no adapter versions")
         return
-    table = Table(title="adapters")
+    from rich import box
+
+    bases = {r["base"] for r in rows}
+    one_base = len(bases) == 1  # then the title names it, and the table is narrower
+    table = Table(title=f"adapters on {next(iter(bases))}" if one_base else "adapters", box=box.SIMPLE_HEAD)
     table.add_column("name", no_wrap=True)
     table.add_column("v", justify="right")
-    for column in ("base", "tags", "scores (base)", "size", "age", "aliases"):
-        table.add_column(column, overflow="fold")
+    # one score and one tag per line, so a narrow terminal folds nothing mid-number
+    if not one_base:
+        table.add_column("base", overflow="fold")
+    table.add_column("tags", overflow="fold")
+    table.add_column("scores (base's)", no_wrap=True)
+    table.add_column("size", no_wrap=True, justify="right")
+    table.add_column("age", no_wrap=True, justify="right")
+    table.add_column("aliases", overflow="fold")
     for r in rows:
-        scores = ", ".join(
-            f"{m}={_fmt_score(v)}" + (f" ({_fmt_score(r['base_scores'].get(m))})"
+        scores = "\n".join(
+            f"{m} {_fmt_score(v)}" + (f" ({_fmt_score(r['base_scores'].get(m))})"
                                       if r["base_scores"].get(m) is not None else "")
             for m, v in r["scores"].items()
         )
         table.add_row(
-            r["name"], str(r["version"]), r["base"],
-            " ".join(f"{k}={v}" for k, v in r["tags"].items()) or "-",
+            r["name"], str(r["version"]), *([] if one_base else [r["base"]]),
+            "\n".join(f"{k}={v}" for k, v in r["tags"].items()) or "-",
             scores or "-", human_size(r["size"]), human_age(r["created_ts"]),
             ", ".join(r["aliases"]) or "-",
         )
