@@ -115,6 +115,18 @@ class TrainRun:
                 return at
         raise AssertionError(f"{marker!r} never appeared:\n{self.text[-2000:]}")
 
+    def wait_for(self, marker: str, timeout: float = 300.0) -> float | None:
+        """Block until `marker` is on stderr; seconds after start, or None if the run ended first."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if marker in self.text:
+                return self.when(marker)
+            if self.proc.poll() is not None:
+                self.reader.join(10)
+                return self.when(marker) if marker in self.text else None
+            time.sleep(0.02)
+        raise AssertionError(f"{marker!r} not seen in {timeout}s")
+
     def wait(self) -> int:
         code = self.proc.wait(300)
         self.reader.join(10)
@@ -191,19 +203,25 @@ def test_train_killed_at_random_points_keeps_registry_consistent_and_resumes(tra
     (tmp,) = list(store.iterdir())
     assert tmp.name.startswith(".tmp-") and (tmp / "adapter_model.safetensors").is_file()
 
-    # 3. Fresh runs SIGKILLed at seeded-random moments in data loading, training
-    #    (with its checkpoint writes) and evaluation, timed from run 1.
+    # 3. Fresh runs SIGKILLed at seeded-random moments in data loading, training (with
+    #    its checkpoint writes) and evaluation: each kill waits for its phase to begin in
+    #    the run it kills, then lands at a random point of that phase's length in run 1.
     rng = random.Random(20240611)
-    windows = [(0.5, phases["loaded"]), (phases["training"], phases["evaluating"]),
-               (phases["evaluating"], phases["stored"])]
-    delays = []
-    for low, high in windows:
-        delay = rng.uniform(low, max(low, high - 0.2))
+    spans = {None: phases["loaded"], "training:": phases["evaluating"] - phases["training"],
+             "evaluating adapter": phases["stored"] - phases["evaluating"]}
+    delays, killed = [], 0
+    for marker, span in spans.items():
+        run = TrainRun(data)
+        begun = 0.0 if marker is None else run.wait_for(marker)
+        assert begun is not None, run.text[-2000:]
+        delay = begun + rng.uniform(0.2, 0.7) * span
         delays.append(delay)
-        # runs vary in speed: a late kill may land after the version's commit, or after the exit
-        assert TrainRun(data).kill_after(delay) in (-signal.SIGKILL, 0)
+        code = run.kill_after(delay)
+        assert code in (-signal.SIGKILL, 0), run.text[-2000:]  # a fast run may finish first
+        killed += code == -signal.SIGKILL
         versions = assert_consistent(home)
-        assert len(versions) <= 1 and all(v.train_metrics["steps"] == STEPS for v in versions), delay
+        assert all(v.train_metrics["steps"] == STEPS for v in versions), delay
+    assert killed >= 2, f"kills at {delays} mostly landed after the runs ended; phases {phases}"
     print(f"phases {phases}; random kills at {[round(d, 1) for d in delays]}")
 
     # 4. Killed halfway through writing its second checkpoint's state (written last):
@@ -240,6 +258,17 @@ def test_train_killed_at_random_points_keeps_registry_consistent_and_resumes(tra
 BASE = "tiny-llama"
 QUESTION = [{"role": "user", "content": "Tell me about the parts."}]
 LONG = 300  # tokens: a few seconds of streaming on the tiny model, longer than a prune takes
+
+
+# `hatrack prune --name doomed --keep-last 0 --yes`, imported and waiting for a line on stdin
+PRUNE_ON_GO = """
+import sys
+from hatrack.cli.main import main
+print("ready", flush=True)
+sys.stdin.readline()
+sys.argv = ["hatrack", "prune", "--name", "doomed", "--keep-last", "0", "--yes"]
+main()
+"""
 
 
 def chat(server: ServerProcess, model: str, max_tokens: int = 16) -> httpx.Response:
@@ -288,20 +317,34 @@ def test_prune_while_streaming_finishes_cleanly_and_later_requests_404(serving, 
     assert cold.status_code == 422 and cold.json()["error"]["code"] == "adapter_unavailable", cold.text
     assert str(hatrack_home) not in cold.text
 
-    # prune the adapter a long stream is reading from, while it streams
+    # prune the adapter a long stream is reading from, while it streams. The prune is
+    # the real CLI in its own process, started (imports done) before the stream, so it
+    # acts within a fraction of a second of the go: well inside the stream's life.
     doomed_sha = reg.resolve("doomed").sha256
+    pruner = subprocess.Popen([sys.executable, "-c", PRUNE_ON_GO], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    assert pruner.stdout.readline().strip() == "ready"
+    # other tenants' long streams share the batch, so the doomed one runs for seconds
+    others = [threading.Thread(target=stream_lines, args=(server, m, [])) for m in ("kept", BASE) * 14]
+    for other in others:
+        other.start()
     lines: list[tuple[float, str]] = []
     reader = threading.Thread(target=stream_lines, args=(server, "doomed", lines))
     reader.start()
     deadline = time.monotonic() + 60
     while len(lines) < 3 and reader.is_alive() and time.monotonic() < deadline:
         time.sleep(0.01)
-    pruned = cli("prune", "--name", "doomed", "--keep-last", "0", "--yes")
+    pruned_out, pruned_err = pruner.communicate("go\n", timeout=120)
     pruned_at = time.monotonic()
     reader.join(120)
-    assert "deleted 1 versions" in pruned.stdout and not (hatrack_home / "store" / doomed_sha).exists()
+    for other in others:
+        other.join(120)
+    assert pruner.returncode == 0, pruned_err[-2000:]
+    assert "deleted 1 versions" in pruned_out and not (hatrack_home / "store" / doomed_sha).exists()
     assert lines[0][1] == "status 200" and lines[-1][1] == "data: [DONE]", lines[-3:]
-    assert pruned_at < lines[-1][0], "the stream ended before the prune: nothing was in flight"
+    assert pruned_at < lines[-1][0], (
+        f"the stream ended before the prune, nothing was in flight: it lasted {lines[-1][0] - lines[0][0]:.2f}s, "
+        f"the prune ended {pruned_at - lines[2][0]:.2f}s after its third line")
     chunks = [json.loads(line[len("data: "):]) for _, line in lines[1:-1]]
     text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
     finish = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]

@@ -183,7 +183,7 @@ def test_32_clients_over_8_adapters_and_base(loaded_server: ServerProcess):
     # would show here)
     warm = max(mb for t, mb in sampler.samples if t - started <= WARM_SECONDS)
     last = max(mb for _, mb in sampler.samples)
-    assert last - warm < 10, f"RSS {warm:.0f} MB at {WARM_SECONDS:.0f}s, {last:.0f} MB at the end"
+    assert last - warm < 16, f"RSS {warm:.0f} MB at {WARM_SECONDS:.0f}s, {last:.0f} MB at the end"
     # one line for RELIABILITY.md (shown with pytest -s)
     print(f"\nload: {sum(counted.values())} requests in {round_marks[-1] - started:.0f} s {counted}, "
           f"server RSS {warm:.0f} MB at {WARM_SECONDS:.0f} s -> {last:.0f} MB at the end, "
