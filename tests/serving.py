@@ -8,9 +8,26 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import httpx
+
+
+@contextmanager
+def hatrack_home_env(home: Path) -> Iterator[Path]:
+    """HATRACK_HOME=home while a module-scoped fixture builds and serves (monkeypatch is
+    function-scoped); the previous value comes back afterwards."""
+    old = os.environ.get("HATRACK_HOME")
+    os.environ["HATRACK_HOME"] = str(home)
+    try:
+        yield home
+    finally:
+        if old is None:
+            os.environ.pop("HATRACK_HOME", None)
+        else:
+            os.environ["HATRACK_HOME"] = old
 
 
 def free_port() -> int:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import write_peft_adapter
-from hatrack.server.engine import AdapterFormatError, AdapterSpec, Engine, SamplingParams, load_peft_adapter
+from hatrack.server.engine import AdapterFormatError, Engine, SamplingParams, load_peft_adapter
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import pytest
 from openai import OpenAI
 
 from conftest import write_peft_adapter
-from serving import ServerProcess
+from serving import ServerProcess, hatrack_home_env
 
 pytestmark = pytest.mark.integration
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
@@ -20,28 +20,23 @@ QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 @pytest.fixture(scope="module")
 def served_real(tmp_path_factory, default_base_dir: Path):
     home = tmp_path_factory.mktemp("serve-real")
-    old = os.environ.get("HATRACK_HOME")
-    os.environ["HATRACK_HOME"] = str(home)
     # reuse the converted base of the test cache instead of converting again
     os.environ["HATRACK_BASES_DIR"] = str(default_base_dir.parent)
     try:
-        from hatrack import basemodel
-        from hatrack.registry import Registry
+        with hatrack_home_env(home):
+            from hatrack import basemodel
+            from hatrack.registry import Registry
 
-        registry = Registry()
-        base = basemodel.ensure_base(registry)
-        for i, name in enumerate(["acme-support", "globex-support"]):
-            folder = write_peft_adapter(Path(base.path), home / "src" / name, seed=i + 1, scale=0.05)
-            registry.register(folder, name=name, base=base.name)
-        server = ServerProcess(home, "--quantize", "nf4", "--device", "cpu", "--max-loaded", "2").start()
-        yield server, base
-        assert server.stop() == 0  # SIGTERM: drains and exits cleanly
+            registry = Registry()
+            base = basemodel.ensure_base(registry)
+            for i, name in enumerate(["acme-support", "globex-support"]):
+                folder = write_peft_adapter(Path(base.path), home / "src" / name, seed=i + 1, scale=0.05)
+                registry.register(folder, name=name, base=base.name)
+            server = ServerProcess(home, "--quantize", "nf4", "--device", "cpu", "--max-loaded", "2").start()
+            yield server, base
+            assert server.stop() == 0  # SIGTERM: drains and exits cleanly
     finally:
         os.environ.pop("HATRACK_BASES_DIR", None)
-        if old is None:
-            os.environ.pop("HATRACK_HOME", None)
-        else:
-            os.environ["HATRACK_HOME"] = old
 
 
 def ask(c: OpenAI, model: str) -> str:

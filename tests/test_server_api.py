@@ -12,8 +12,8 @@ import openai
 import pytest
 from openai import OpenAI
 
-from conftest import write_peft_adapter
-from serving import ServerProcess
+from conftest import tiny_registry, write_peft_adapter
+from serving import ServerProcess, hatrack_home_env
 
 BASE = "tiny-llama"
 QUESTION = [{"role": "user", "content": "Where is my order?"}]
@@ -22,17 +22,8 @@ QUESTION = [{"role": "user", "content": "Where is my order?"}]
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, tiny_base_dir: Path):
     home = tmp_path_factory.mktemp("serve-home")
-    import os
-
-    old = os.environ.get("HATRACK_HOME")
-    os.environ["HATRACK_HOME"] = str(home)
-    try:
-        from hatrack import basemodel
-        from hatrack.registry import Registry
-
-        registry = Registry()
-        registry.add_base(BASE, str(tiny_base_dir), tiny_base_dir, basemodel.fingerprint(tiny_base_dir),
-                          basemodel.chat_template_sha256(tiny_base_dir))
+    with hatrack_home_env(home):
+        registry = tiny_registry(tiny_base_dir, BASE)
         adapters_dir = home / "src"
         for i, name in enumerate(["acme-support", "globex-support", "initech-support"]):
             folder = write_peft_adapter(tiny_base_dir, adapters_dir / name, seed=i + 1, scale=0.3)
@@ -41,11 +32,6 @@ def served(tmp_path_factory, tiny_base_dir: Path):
                                "--max-loaded", "2", "--max-tokens", "16").start()
         yield server, registry, adapters_dir
         server.stop()
-    finally:
-        if old is None:
-            os.environ.pop("HATRACK_HOME", None)
-        else:
-            os.environ["HATRACK_HOME"] = old
 
 
 def client(server, key: str = "none") -> OpenAI:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import json
-import os
 import shutil
 import socket
 from pathlib import Path
@@ -18,8 +17,8 @@ import openai
 import pytest
 from openai import OpenAI
 
-from conftest import hand_adapter, write_peft_adapter
-from serving import ServerProcess
+from conftest import hand_adapter, tiny_registry, write_peft_adapter
+from serving import ServerProcess, hatrack_home_env
 
 BASE = "tiny-llama"
 GOOD = ("acme-support", "globex-support")
@@ -82,15 +81,8 @@ def _plant_damaged(registry, base_dir: Path, src: Path, outside: Path) -> None:
 def served(tmp_path_factory, tiny_base_dir: Path):
     home = tmp_path_factory.mktemp("hostile-home")
     outside = tmp_path_factory.mktemp("outside-the-store")
-    old = os.environ.get("HATRACK_HOME")
-    os.environ["HATRACK_HOME"] = str(home)
-    try:
-        from hatrack import basemodel
-        from hatrack.registry import Registry
-
-        registry = Registry()
-        registry.add_base(BASE, str(tiny_base_dir), tiny_base_dir, basemodel.fingerprint(tiny_base_dir),
-                          basemodel.chat_template_sha256(tiny_base_dir))
+    with hatrack_home_env(home):
+        registry = tiny_registry(tiny_base_dir, BASE)
         src = home / "src"
         for i, name in enumerate(GOOD):
             registry.register(write_peft_adapter(tiny_base_dir, src / name, seed=i + 1, scale=0.3),
@@ -103,11 +95,6 @@ def served(tmp_path_factory, tiny_base_dir: Path):
         server.reference = {m: _greedy(server, m) for m in (BASE, *GOOD)}
         yield server
         server.stop()
-    finally:
-        if old is None:
-            os.environ.pop("HATRACK_HOME", None)
-        else:
-            os.environ["HATRACK_HOME"] = old
 
 
 def _greedy(server, model: str) -> str:

@@ -13,7 +13,6 @@ generating.
 from __future__ import annotations
 
 import concurrent.futures as cf
-import os
 import re
 import threading
 import time
@@ -23,8 +22,8 @@ import httpx
 import pytest
 from openai import OpenAI
 
-from conftest import write_peft_adapter
-from serving import ServerProcess
+from conftest import tiny_registry, write_peft_adapter
+from serving import ServerProcess, hatrack_home_env
 
 BASE = "tiny-llama"
 ADAPTERS = [f"tenant{i}-support" for i in range(8)]
@@ -42,11 +41,7 @@ CANCEL_MAX_TOKENS = 400  # a dropped stream would run this long if nobody freed 
 @pytest.fixture(scope="module")
 def loaded_server(tmp_path_factory, tiny_base_dir: Path):
     home = tmp_path_factory.mktemp("load-home")
-    old = os.environ.get("HATRACK_HOME")
-    os.environ["HATRACK_HOME"] = str(home)
-    try:
-        from conftest import tiny_registry
-
+    with hatrack_home_env(home):
         registry = tiny_registry(tiny_base_dir, BASE)
         for i, name in enumerate(ADAPTERS):
             folder = write_peft_adapter(tiny_base_dir, home / "src" / name, seed=50 + i, scale=0.3)
@@ -55,11 +50,6 @@ def loaded_server(tmp_path_factory, tiny_base_dir: Path):
                                "--max-loaded", "4", "--max-batch", "32").start()
         yield server
         server.stop()
-    finally:
-        if old is None:
-            os.environ.pop("HATRACK_HOME", None)
-        else:
-            os.environ["HATRACK_HOME"] = old
 
 
 def _messages(prompt: str) -> list[dict]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import collections
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -22,8 +21,8 @@ from schemathesis.checks import (
     status_code_conformance,
 )
 
-from conftest import write_peft_adapter
-from serving import ServerProcess
+from conftest import tiny_registry, write_peft_adapter
+from serving import ServerProcess, hatrack_home_env
 
 BASE = "tiny-llama"
 ADAPTERS = ("acme-support", "globex-support")
@@ -55,15 +54,8 @@ values = ["{BASE}", "acme-support", "acme-support@1", "globex-support"]
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, tiny_base_dir: Path):
     home = tmp_path_factory.mktemp("fuzz-home")
-    old = os.environ.get("HATRACK_HOME")
-    os.environ["HATRACK_HOME"] = str(home)
-    try:
-        from hatrack import basemodel
-        from hatrack.registry import Registry
-
-        registry = Registry()
-        registry.add_base(BASE, str(tiny_base_dir), tiny_base_dir, basemodel.fingerprint(tiny_base_dir),
-                          basemodel.chat_template_sha256(tiny_base_dir))
+    with hatrack_home_env(home):
+        registry = tiny_registry(tiny_base_dir, BASE)
         for i, name in enumerate(ADAPTERS):
             folder = write_peft_adapter(tiny_base_dir, home / "src" / name, seed=i + 1, scale=0.3)
             registry.register(folder, name=name, base=BASE)
@@ -71,11 +63,6 @@ def served(tmp_path_factory, tiny_base_dir: Path):
                                "--max-loaded", "2", "--max-tokens", "4").start()
         yield server
         server.stop()
-    finally:
-        if old is None:
-            os.environ.pop("HATRACK_HOME", None)
-        else:
-            os.environ["HATRACK_HOME"] = old
 
 
 def test_generated_requests_find_no_server_error_and_no_schema_break(served, tmp_path: Path):

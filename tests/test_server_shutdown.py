@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import threading
 from pathlib import Path
 
@@ -10,7 +9,8 @@ import httpx
 import pytest
 from openai import OpenAI
 
-from serving import ServerProcess
+from conftest import tiny_registry
+from serving import ServerProcess, hatrack_home_env
 
 BASE = "tiny-llama"
 
@@ -19,21 +19,12 @@ BASE = "tiny-llama"
 def tiny_server(tmp_path: Path, tiny_base_dir: Path):
     home = tmp_path / "home"
     home.mkdir()
-    old = os.environ.get("HATRACK_HOME")
-    os.environ["HATRACK_HOME"] = str(home)
-    try:
-        from conftest import tiny_registry
-
+    with hatrack_home_env(home):
         tiny_registry(tiny_base_dir, BASE)
         server = ServerProcess(home, "--base", BASE, "--quantize", "none", "--device", "cpu",
                                "--shutdown-timeout", "60").start()
         yield server
         server.stop(timeout=5)
-    finally:
-        if old is None:
-            os.environ.pop("HATRACK_HOME", None)
-        else:
-            os.environ["HATRACK_HOME"] = old
 
 
 def test_sigterm_drains_a_streaming_answer_then_exits_zero(tiny_server: ServerProcess):
