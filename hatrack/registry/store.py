@@ -6,7 +6,6 @@ the same content stored twice keeps one copy."""
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import os
 import re
@@ -15,6 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from hatrack.errors import disk_condition
 from hatrack.registry.errors import ArtifactError
 
 CONFIG = "adapter_config.json"
@@ -171,7 +171,6 @@ class ArtifactStore:
 
 def _disk_problem(exc: OSError) -> str:
     """An OSError as what a user can act on: which condition, then the system's words."""
-    condition = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded",
-                 errno.EROFS: "read-only file system", errno.EFBIG: "file size limit reached"}.get(exc.errno)
+    condition = disk_condition(exc)
     detail = exc.strerror or type(exc).__name__
     return f"{condition} ({detail})" if condition else detail
