@@ -65,8 +65,7 @@ class SlotBank:
                 module = layers[0].get_submodule(suffix)
                 self.in_dim[group] = int(module.in_features)
                 self.out_dim[suffix] = int(module.out_features)
-        self.rank = 0  # 0 until the first adapter is written
-        self.generation = 0  # bumped when the tensors are reallocated (rank growth)
+        self.rank = 0  # 0 until the first adapter is written; growing it reallocates A and B
         self.A: dict[str, torch.Tensor] = {}
         self.B: dict[str, torch.Tensor] = {}
         self.slot_groups: list[frozenset[str]] = [frozenset()] * (n_slots + 1)
@@ -135,7 +134,10 @@ class SlotBank:
                     b[:, :, :old].copy_(self.B[suffix])
                 self.B[suffix] = b
         self.rank = new
-        self.generation += 1
+
+    def groups_of(self, row_slots: list[int]) -> frozenset[str]:
+        """The module groups any of these slots' adapters touch."""
+        return frozenset().union(*(self.slot_groups[slot] for slot in row_slots))
 
     def apply_slot(self, slot: int, layer: int, group: str, x: torch.Tensor, outs: tuple[torch.Tensor, ...]) -> None:
         """outs[j] += LoRA term of one slot's module j of `group` for every row of x (a prefill)."""
@@ -190,7 +192,7 @@ class RowBank:
         for row, slot in enumerate(row_slots):
             if self._held[row] != (slot, s.version[slot]):
                 self._gather(row, slot)
-        self._groups = frozenset().union(*(s.slot_groups[slot] for slot in row_slots))
+        self._groups = s.groups_of(row_slots)
         return True
 
     def apply(self, n: int, layer: int, group: str, x: torch.Tensor, outs: tuple[torch.Tensor, ...]) -> None:
@@ -212,18 +214,18 @@ class KernelRows:
         self.kernel = kernel
         self._row_slots = torch.zeros(0, dtype=torch.int64)
         self._groups: frozenset[str] = frozenset()
-        # per (layer, group): the bank's A and B views, built once per bank generation
-        # (120 kernel calls a step on a 30-layer model: views are not free)
+        # per (layer, group): the bank's A and B views, built once per bank rank (its
+        # tensors are reallocated when the rank grows); 120 kernel calls a step on a
+        # 30-layer model, and views are not free
         self._views: dict[tuple[int, str], tuple[torch.Tensor, list[torch.Tensor]]] = {}
-        self._generation = -1
+        self._views_rank = -1
 
     def prepare(self, row_slots: list[int]) -> bool:
         """Remember each row's slot; False if no row uses an adapter."""
         if max(row_slots) == 0:
             return False
         self._row_slots = torch.tensor(row_slots, dtype=torch.int64)
-        s = self.slots
-        self._groups = frozenset().union(*(s.slot_groups[slot] for slot in row_slots))
+        self._groups = self.slots.groups_of(row_slots)
         return True
 
     def apply(self, n: int, layer: int, group: str, x: torch.Tensor, outs: tuple[torch.Tensor, ...]) -> None:
@@ -231,9 +233,9 @@ class KernelRows:
         if group not in self._groups:
             return
         s = self.slots
-        if self._generation != s.generation:
+        if self._views_rank != s.rank:
             self._views.clear()
-            self._generation = s.generation
+            self._views_rank = s.rank
         views = self._views.get((layer, group))
         if views is None:
             views = (s.A[group][layer], [s.B[suffix][layer] for suffix in SUFFIXES[group]])
