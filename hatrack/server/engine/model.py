@@ -91,6 +91,26 @@ class LlamaRunner:
     def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         return x * cos + _rotate_half(x) * sin
 
+    def _qkv(self, layer, i: int, x: torch.Tensor, lora) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q [n, heads, d], k and v [n, kv_heads, d] for tokens x [n, hidden]: base
+        projections plus the LoRA term, q/k norms applied (Qwen3), no rotary yet."""
+        n = x.shape[0]
+        attn = layer.self_attn
+        h = layer.input_layernorm(x)
+        q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
+        lora(i, "qkv", h, (q, k, v))
+        q = q.view(n, self.n_heads, self.head_dim)
+        k = k.view(n, self.n_kv, self.head_dim)
+        if self._q_norm[i] is not None:
+            q, k = self._q_norm[i](q), self._k_norm[i](k)
+        return q, k, v.view(n, self.n_kv, self.head_dim)
+
+    def _out_and_mlp(self, layer, i: int, x: torch.Tensor, o: torch.Tensor, lora) -> torch.Tensor:
+        """The residual stream after attention output o [n, heads * d] and the MLP."""
+        a = layer.self_attn.o_proj(o)
+        lora(i, "o", o, (a,))
+        return self._mlp(layer, i, x + a, lora)
+
     def _mlp(self, layer, i: int, x: torch.Tensor, lora) -> torch.Tensor:
         h = layer.post_attention_layernorm(x)
         mlp = layer.mlp
@@ -110,26 +130,17 @@ class LlamaRunner:
         cos, sin = self.rotary(x[None], torch.arange(n, device=self.device)[None])
         cos, sin = cos[0], sin[0]  # [n, head_dim], broadcast over heads
         for i, layer in enumerate(self.layers):
-            attn = layer.self_attn
-            h = layer.input_layernorm(x)
-            q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
-            lora(i, "qkv", h, (q, k, v))
-            q = q.view(n, self.n_heads, self.head_dim)
-            k = k.view(n, self.n_kv, self.head_dim)
-            if self._q_norm[i] is not None:
-                q, k = self._q_norm[i](q), self._k_norm[i](k)
+            q, k, v = self._qkv(layer, i, x, lora)
             q = self._rope(q.transpose(0, 1), cos, sin)  # [heads, n, d]
             k = self._rope(k.transpose(0, 1), cos, sin)
-            v = v.view(n, self.n_kv, self.head_dim).transpose(0, 1)
+            v = v.transpose(0, 1)
             self.k_cache[i][row, :, :n] = k
             self.v_cache[i][row, :, :n] = v
             o = F.scaled_dot_product_attention(
                 q[None], k[None], v[None], is_causal=True, scale=self.scaling, enable_gqa=self.n_rep > 1
             )
             o = o[0].transpose(0, 1).reshape(n, self.n_heads * self.head_dim)
-            a = attn.o_proj(o)
-            lora(i, "o", o, (a,))
-            x = self._mlp(layer, i, x + a, lora)
+            x = self._out_and_mlp(layer, i, x, o, lora)
         return self.lm_head(self.norm(x[-1:]))[0]
 
     def decode(self, tokens: list[int], positions: list[int], rows: RowBank | KernelRows, slots: list[int]) -> torch.Tensor:
@@ -147,19 +158,12 @@ class LlamaRunner:
         x = self.embed(tok)
         cos, sin = self.rotary(x[:, None], pos[:, None])  # [n, 1, head_dim]
         for i, layer in enumerate(self.layers):
-            attn = layer.self_attn
-            h = layer.input_layernorm(x)
-            q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
-            lora(i, "qkv", h, (q, k, v))
-            q = q.view(n, self.n_heads, self.head_dim)
-            k = k.view(n, self.n_kv, self.head_dim)
-            if self._q_norm[i] is not None:
-                q, k = self._q_norm[i](q), self._k_norm[i](k)
+            q, k, v = self._qkv(layer, i, x, lora)
             q = self._rope(q, cos, sin)
             k = self._rope(k, cos, sin)
             k_cache, v_cache = self.k_cache[i], self.v_cache[i]
             k_cache[row_ids, :, pos] = k
-            v_cache[row_ids, :, pos] = v.view(n, self.n_kv, self.head_dim)
+            v_cache[row_ids, :, pos] = v
             # GQA without copies: the n_rep query heads sharing a KV head become that
             # head's n_rep "query positions" (one token each, so no causal mask needed)
             o = F.scaled_dot_product_attention(
@@ -170,7 +174,5 @@ class LlamaRunner:
                 scale=self.scaling,
             )
             o = o.reshape(n, self.n_heads * self.head_dim)
-            a = attn.o_proj(o)
-            lora(i, "o", o, (a,))
-            x = self._mlp(layer, i, x + a, lora)
+            x = self._out_and_mlp(layer, i, x, o, lora)
         return self.lm_head(self.norm(x))
