@@ -131,7 +131,10 @@ def create_app(config: ServeConfig | None = None, registry: Registry | None = No
         except Unauthorized as err:
             raise APIError(401, str(err), "invalid_request_error", "invalid_api_key") from None
 
-    async def target_for(model: str, key) -> Target:
+    async def target_for(model: str, request: Request) -> Target:
+        """The caller's key (401), a loaded base (503), then the name (404 / 400), in that order."""
+        key = caller(request)
+        require_ready()
         try:
             return await run_in_threadpool(state.catalog.lookup, model, lambda n: state.gate.allows(key, n))
         except ModelNotFound:
@@ -169,9 +172,7 @@ def create_app(config: ServeConfig | None = None, registry: Registry | None = No
     @app.get("/v1/models/{model:path}", response_model=None, dependencies=[bearer],
              responses={200: {"model": ModelCard}, **errors(400, 401, 404, 503)})
     async def get_model(model: str, request: Request) -> dict:
-        key = caller(request)
-        require_ready()
-        target = await target_for(model, key)
+        target = await target_for(model, request)
         item = {"id": model, "object": "model", "created": 0, "owned_by": "hatrack"}
         if target.adapter is not None:
             item["parent"] = state.catalog.base_name
@@ -182,9 +183,7 @@ def create_app(config: ServeConfig | None = None, registry: Registry | None = No
     @app.post("/v1/chat/completions", response_model=None, dependencies=[bearer],
               responses={**completion_ok(ChatCompletion, ChatCompletionChunk), **completion_errors})
     async def chat(body: ChatCompletionRequest, request: Request):
-        key = caller(request)
-        require_ready()
-        target = await target_for(body.model, key)
+        target = await target_for(body.model, request)
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                     for m in body.messages]
         prompt_ids = await run_in_threadpool(_chat_prompt_ids, state.tokenizer, messages)
@@ -193,9 +192,7 @@ def create_app(config: ServeConfig | None = None, registry: Registry | None = No
     @app.post("/v1/completions", response_model=None, dependencies=[bearer],
               responses={**completion_ok(TextCompletion, TextCompletionChunk), **completion_errors})
     async def completions(body: CompletionRequest, request: Request):
-        key = caller(request)
-        require_ready()
-        target = await target_for(body.model, key)
+        target = await target_for(body.model, request)
         # a prompt of megabytes takes a while to tokenize: not on the event loop
         prompt_ids = await run_in_threadpool(_text_prompt_ids, state.tokenizer, body.prompt)
         if not prompt_ids:
