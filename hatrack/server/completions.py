@@ -15,7 +15,6 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from hatrack.errors import HatrackError
 from hatrack.server.catalog import Target
 from hatrack.server.engine import SamplingParams
-from hatrack.server.engine.sampling import MIN_TEMPERATURE, MIN_TOP_P
 from hatrack.server.engine.errors import EngineStoppedError, PromptTooLongError, QueueFullError
 from hatrack.server.errors import APIError, bad_request, strip_paths
 from hatrack.server.schemas import new_id, now, usage
@@ -64,13 +63,9 @@ def sampling_params(body, prompt_len: int, context: int, default_max: int,
             f"{room} of this model's {context}-token context",
             limit_param, "context_length_exceeded",
         )
-    # a vanishing temperature or top_p means "the most likely token": say so exactly, since
-    # logits / 1e-300 overflow and float32 sampling rounds a top_p of 1e-300 to 0
-    temperature = body.temperature_value
-    if temperature < MIN_TEMPERATURE:
-        temperature = 0.0
+    # a vanishing temperature or top_p ("the most likely token") is the sampler's to handle
     return SamplingParams(
-        max_tokens=limit, temperature=temperature, top_p=max(body.top_p_value, MIN_TOP_P),
+        max_tokens=limit, temperature=body.temperature_value, top_p=body.top_p_value,
         seed=body.seed, stop_token_ids=stop_ids,
     )
 
