@@ -99,6 +99,17 @@ def write_peft_adapter(
     return Path(out_dir)
 
 
+def register_random_adapters(registry, base: str, base_dir: Path, src: Path, names, *, first_seed: int = 1,
+                             scale: float = 0.3, tags=None) -> dict[str, Path]:
+    """One random PEFT adapter per name (seeds first_seed, first_seed + 1, ...) written
+    under src and registered on `base`; tags(name) gives each one's tags."""
+    folders = {}
+    for i, name in enumerate(names):
+        folders[name] = write_peft_adapter(base_dir, src / name, seed=first_seed + i, scale=scale)
+        registry.register(folders[name], name=name, base=base, tags=tags(name) if tags else None)
+    return folders
+
+
 @pytest.fixture()
 def make_adapter(tmp_path: Path):
     counter = {"n": 0}

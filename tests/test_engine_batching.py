@@ -181,14 +181,21 @@ def test_short_request_overtakes_long_and_joins_mid_generation(tiny, engine_fact
     assert long.result(timeout=60) == (long.tokens, "length") and len(long.tokens) == 150
 
 
-def test_cancel_frees_the_row(tiny, engine_factory):
+def _one_row_busy(tiny, engine_factory):
+    """An engine with one batch row: a long request running (its first token out) and a
+    short one waiting behind it."""
     _, tok = tiny
     engine = engine_factory(max_batch=1)
     engine.start()
-    first = engine.submit(ids(tok, PROMPTS[0]), None, SamplingParams(max_tokens=100_000, temperature=0))
-    second = engine.submit(ids(tok, PROMPTS[1]), None, GREEDY)
-    while not first.tokens:
+    running = engine.submit(ids(tok, PROMPTS[0]), None, SamplingParams(max_tokens=100_000, temperature=0))
+    waiting = engine.submit(ids(tok, PROMPTS[1]), None, GREEDY)
+    while not running.tokens:
         time.sleep(0.002)
+    return engine, running, waiting
+
+
+def test_cancel_frees_the_row(tiny, engine_factory):
+    engine, first, second = _one_row_busy(tiny, engine_factory)
     assert not second.tokens  # one row: the second waits
     first.cancel()
     assert second.result(timeout=60)[1] == "length"
@@ -332,13 +339,7 @@ def test_bank_rank_growth_keeps_loaded_adapters(tiny, adapters, engine_factory):
 def test_stop_cancels_waiting_then_running(tiny, engine_factory):
     from hatrack.server.engine import EngineStoppedError
 
-    _, tok = tiny
-    engine = engine_factory(max_batch=1)
-    engine.start()
-    running = engine.submit(ids(tok, PROMPTS[0]), None, SamplingParams(max_tokens=100_000, temperature=0))
-    waiting = engine.submit(ids(tok, PROMPTS[1]), None, GREEDY)
-    while not running.tokens:
-        time.sleep(0.002)
+    engine, running, waiting = _one_row_busy(tiny, engine_factory)
     started = time.monotonic()
     engine.stop(timeout=0.3)
     assert time.monotonic() - started < 10

@@ -24,7 +24,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import tiny_registry, write_peft_adapter
+from conftest import register_random_adapters, tiny_registry
 from hatrack.trainer.loop import last_checkpoint
 from serving import ServerProcess
 
@@ -294,9 +294,7 @@ def stream_lines(server: ServerProcess, model: str, out: list[tuple[float, str]]
 @pytest.fixture()
 def serving(hatrack_home: Path, tiny_base_dir: Path):
     reg = tiny_registry(tiny_base_dir, BASE)
-    for i, name in enumerate(["doomed", "kept", "cached", "cold"]):
-        folder = write_peft_adapter(tiny_base_dir, hatrack_home.parent / f"src-{name}", seed=i + 1, scale=0.3)
-        reg.register(folder, name=name, base=BASE)
+    register_random_adapters(reg, BASE, tiny_base_dir, hatrack_home.parent / "src", ["doomed", "kept", "cached", "cold"])
     server = ServerProcess(hatrack_home, "--base", BASE, "--quantize", "none", "--device", "cpu").start()
     yield server, reg
     server.stop()

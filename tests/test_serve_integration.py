@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from openai import OpenAI
 
-from conftest import write_peft_adapter
+from conftest import register_random_adapters
 from serving import ServerProcess, hatrack_home_env
 
 pytestmark = pytest.mark.integration
@@ -29,9 +29,8 @@ def served_real(tmp_path_factory, default_base_dir: Path):
 
             registry = Registry()
             base = basemodel.ensure_base(registry)
-            for i, name in enumerate(["acme-support", "globex-support"]):
-                folder = write_peft_adapter(Path(base.path), home / "src" / name, seed=i + 1, scale=0.05)
-                registry.register(folder, name=name, base=base.name)
+            register_random_adapters(registry, base.name, Path(base.path), home / "src",
+                                     ["acme-support", "globex-support"], scale=0.05)
             server = ServerProcess(home, "--quantize", "nf4", "--device", "cpu", "--max-loaded", "2").start()
             yield server, base
             assert server.stop() == 0  # SIGTERM: drains and exits cleanly

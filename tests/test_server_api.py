@@ -12,7 +12,7 @@ import openai
 import pytest
 from openai import OpenAI
 
-from conftest import tiny_registry, write_peft_adapter
+from conftest import register_random_adapters, tiny_registry, write_peft_adapter
 from serving import ServerProcess, hatrack_home_env
 
 BASE = "tiny-llama"
@@ -25,9 +25,9 @@ def served(tmp_path_factory, tiny_base_dir: Path):
     with hatrack_home_env(home):
         registry = tiny_registry(tiny_base_dir, BASE)
         adapters_dir = home / "src"
-        for i, name in enumerate(["acme-support", "globex-support", "initech-support"]):
-            folder = write_peft_adapter(tiny_base_dir, adapters_dir / name, seed=i + 1, scale=0.3)
-            registry.register(folder, name=name, base=BASE, tags={"customer": name.split("-")[0]})
+        register_random_adapters(registry, BASE, tiny_base_dir, adapters_dir,
+                                 ["acme-support", "globex-support", "initech-support"],
+                                 tags=lambda name: {"customer": name.split("-")[0]})
         server = ServerProcess(home, "--base", BASE, "--quantize", "none", "--device", "cpu",
                                "--max-loaded", "2", "--max-tokens", "16").start()
         yield server, registry, adapters_dir

@@ -17,7 +17,7 @@ import openai
 import pytest
 from openai import OpenAI
 
-from conftest import hand_adapter, tiny_registry, write_peft_adapter
+from conftest import hand_adapter, register_random_adapters, tiny_registry, write_peft_adapter
 from serving import ServerProcess, hatrack_home_env
 
 BASE = "tiny-llama"
@@ -84,9 +84,7 @@ def served(tmp_path_factory, tiny_base_dir: Path):
     with hatrack_home_env(home):
         registry = tiny_registry(tiny_base_dir, BASE)
         src = home / "src"
-        for i, name in enumerate(GOOD):
-            registry.register(write_peft_adapter(tiny_base_dir, src / name, seed=i + 1, scale=0.3),
-                              name=name, base=BASE)
+        register_random_adapters(registry, BASE, tiny_base_dir, src, GOOD)
         _plant_damaged(registry, tiny_base_dir, src, outside)
         # a valid adapter folder outside the store, for names that try to reach it
         write_peft_adapter(tiny_base_dir, home.parent / "decoy", seed=9, scale=0.3)

@@ -22,7 +22,7 @@ import httpx
 import pytest
 from openai import OpenAI
 
-from conftest import tiny_registry, write_peft_adapter
+from conftest import register_random_adapters, tiny_registry
 from serving import ServerProcess, hatrack_home_env
 
 BASE = "tiny-llama"
@@ -43,9 +43,7 @@ def loaded_server(tmp_path_factory, tiny_base_dir: Path):
     home = tmp_path_factory.mktemp("load-home")
     with hatrack_home_env(home):
         registry = tiny_registry(tiny_base_dir, BASE)
-        for i, name in enumerate(ADAPTERS):
-            folder = write_peft_adapter(tiny_base_dir, home / "src" / name, seed=50 + i, scale=0.3)
-            registry.register(folder, name=name, base=BASE)
+        register_random_adapters(registry, BASE, tiny_base_dir, home / "src", ADAPTERS, first_seed=50)
         server = ServerProcess(home, "--base", BASE, "--quantize", "none", "--device", "cpu",
                                "--max-loaded", "4", "--max-batch", "32").start()
         yield server

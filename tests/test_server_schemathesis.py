@@ -21,7 +21,7 @@ from schemathesis.checks import (
     status_code_conformance,
 )
 
-from conftest import tiny_registry, write_peft_adapter
+from conftest import register_random_adapters, tiny_registry
 from serving import ServerProcess, hatrack_home_env
 
 BASE = "tiny-llama"
@@ -56,9 +56,7 @@ def served(tmp_path_factory, tiny_base_dir: Path):
     home = tmp_path_factory.mktemp("fuzz-home")
     with hatrack_home_env(home):
         registry = tiny_registry(tiny_base_dir, BASE)
-        for i, name in enumerate(ADAPTERS):
-            folder = write_peft_adapter(tiny_base_dir, home / "src" / name, seed=i + 1, scale=0.3)
-            registry.register(folder, name=name, base=BASE)
+        register_random_adapters(registry, BASE, tiny_base_dir, home / "src", ADAPTERS)
         server = ServerProcess(home, "--base", BASE, "--quantize", "none", "--device", "cpu",
                                "--max-loaded", "2", "--max-tokens", "4").start()
         yield server
