@@ -63,14 +63,8 @@ def drive(url: str, models: list[str], concurrency: int, total: int) -> dict:
     with cf.ThreadPoolExecutor(concurrency) as pool:
         results = list(pool.map(one, range(total)))
     wall = time.perf_counter() - started
-    latencies = sorted(r[0] for r in results)
-    return {
-        "tok_s": sum(r[2] for r in results) / wall,
-        "p50": statistics.median(latencies),
-        "p95": latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))],
-        "ttft_p50": statistics.median(r[1] for r in results),
-        "tokens": sum(r[2] for r in results),
-    }
+    return _summary([r[0] for r in results], sum(r[2] for r in results), wall,
+                    ttft_p50=statistics.median(r[1] for r in results))
 
 
 class NaiveBaseline:
@@ -106,11 +100,11 @@ class NaiveBaseline:
         return _summary(latencies, tokens, time.perf_counter() - started)
 
 
-def _summary(latencies: list[float], tokens: int, wall: float) -> dict:
+def _summary(latencies: list[float], tokens: int, wall: float, ttft_p50: float = float("nan")) -> dict:
     latencies = sorted(latencies)
     return {"tok_s": tokens / wall, "p50": statistics.median(latencies),
             "p95": latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))],
-            "ttft_p50": float("nan"), "tokens": tokens}
+            "ttft_p50": ttft_p50, "tokens": tokens}
 
 
 def time_to_new_adapter(url: str, registry, folder: Path, base: str) -> float:
