@@ -6,6 +6,9 @@ import os
 from pathlib import Path
 
 DEFAULT_BASE_NAME = "smollm2-135m"
+# The largest LoRA rank the engine's slots hold. `register` and `train` refuse a larger
+# rank at the door (naming this limit) instead of the server refusing it later.
+DEFAULT_MAX_RANK = 64
 
 
 def home() -> Path:
@@ -32,3 +35,19 @@ def bases_dir() -> Path:
     path = Path(os.environ["HATRACK_BASES_DIR"]) if os.environ.get("HATRACK_BASES_DIR") else home() / "bases"
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def max_rank() -> int:
+    """HATRACK_MAX_RANK, or DEFAULT_MAX_RANK: the servable LoRA rank limit."""
+    raw = os.environ.get("HATRACK_MAX_RANK")
+    if not raw:
+        return DEFAULT_MAX_RANK
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 1:
+        from hatrack.errors import HatrackError
+
+        raise HatrackError(f"HATRACK_MAX_RANK must be a positive integer; got {raw!r}")
+    return value

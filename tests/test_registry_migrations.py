@@ -201,12 +201,13 @@ def test_v1_registry_upgrades_in_place_without_loss(old_registry: OldRegistry, t
     old = old_registry
     assert _version(old.url) == 1
     reg = Registry()
-    assert _version(old.url) == migrations.LATEST == 2
+    assert _version(old.url) == migrations.LATEST == 3
     assert_every_row_survived(old)
 
     # the new column is there, and empty for every old score
     with reg.engine.connect() as conn:
-        assert conn.execute(text("SELECT count(*), count(rows) FROM scores")).one() == (14, 0)
+        assert conn.execute(text("SELECT count(*), count(rows), count(precision) FROM scores")).one() == (14, 0, 0)
+        assert conn.execute(text("SELECT count(*), count(lora) FROM adapter_versions")).one()[1] == 0
     assert init_schema(reg.engine) == []  # a second open has nothing to do
 
     # the registry's own views agree with the dump
@@ -264,12 +265,12 @@ def test_newer_registry_is_refused_in_one_line(old_registry: OldRegistry):
     with engine.begin() as conn:
         conn.execute(text("UPDATE schema_version SET version = 99"))
     engine.dispose()
-    with pytest.raises(RegistryError, match=r"schema version 99 is newer than this hatrack understands \(2\)"):
+    with pytest.raises(RegistryError, match=r"schema version 99 is newer than this hatrack understands \(3\)"):
         Registry()
     proc = _cli(old, "list", "--json")
     assert proc.returncode == 1 and proc.stdout == ""
     assert proc.stderr.splitlines() == [
-        "error: registry schema version 99 is newer than this hatrack understands (2): upgrade hatrack"]
+        "error: registry schema version 99 is newer than this hatrack understands (3): upgrade hatrack"]
     assert _version(old.url) == 99
     assert_every_row_survived(old)  # untouched: no rows column was added either
     engine = make_engine(old.url)
@@ -289,11 +290,12 @@ from pathlib import Path
 from hatrack.registry import Registry, migrations
 from hatrack.registry.db import init_schema, make_engine
 
-real = migrations.STEPS[0]
-def slow(conn):  # hold the schema lock long enough for the other processes to arrive
-    time.sleep(0.5)
-    real.apply(conn)
-migrations.STEPS = (migrations.Step(real.to_version, real.description, slow),)
+def slowed(real):
+    def slow(conn):  # hold the schema lock long enough for the other processes to arrive
+        time.sleep(0.5)
+        real.apply(conn)
+    return migrations.Step(real.to_version, real.description, slow)
+migrations.STEPS = tuple(slowed(step) for step in migrations.STEPS)
 
 engine = make_engine(sys.argv[1])
 Path(sys.argv[2] + "." + sys.argv[3]).touch()
@@ -322,10 +324,12 @@ def test_processes_opening_one_old_registry_at_once_upgrade_it_once(old_registry
         out, err = p.communicate(timeout=120)
         assert p.returncode == 0, err
         results.append(json.loads(out))
-    assert sorted(r["applied"] for r in results) == [[]] * (n - 1) + [[2]]
+    steps = list(range(2, migrations.LATEST + 1))
+    # each step is applied once, by whichever process holds the lock when it is due
+    assert sorted(v for r in results for v in r["applied"]) == steps
     assert sum(r["seen"] == 1 for r in results) >= 2, f"the openers did not overlap: {results}"
     assert all(r["versions"] == 4 for r in results)
-    assert _version(old.url) == 2
+    assert _version(old.url) == 3
     assert_every_row_survived(old)
 
 
@@ -334,7 +338,7 @@ def test_empty_database_gets_the_latest_schema_directly(registry_db: str, hatrac
     engine = make_engine(url)
     assert init_schema(engine) == []  # created, not stepped through the migrations
     with engine.connect() as conn:
-        assert migrations.read_version(conn) == 2
+        assert migrations.read_version(conn) == 3
         assert "rows" in {c.name for c in _reflect_scores(conn)}
     engine.dispose()
 

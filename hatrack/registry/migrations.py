@@ -51,8 +51,15 @@ def _v2_score_rows(conn: Connection) -> None:
     add_column(conn, "scores", "rows", "INTEGER")
 
 
+def _v3_precision_and_lora(conn: Connection) -> None:
+    add_column(conn, "scores", "precision", "VARCHAR(32)")
+    add_column(conn, "adapter_versions", "lora", "JSON")
+
+
 STEPS: tuple[Step, ...] = (
     Step(2, "scores.rows: how many eval rows each score was computed on", _v2_score_rows),
+    Step(3, "scores.precision (the base precision a score was measured at) and adapter_versions.lora "
+            "(rank, alpha, target modules)", _v3_precision_and_lora),
 )
 LATEST = FIRST_VERSION + len(STEPS)
 assert [s.to_version for s in STEPS] == list(range(FIRST_VERSION + 1, LATEST + 1)), "steps out of order"

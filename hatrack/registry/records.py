@@ -45,6 +45,7 @@ class ScoreIn:
     dataset_sha256: str | None = None
     split: str = "heldout"
     rows: int | None = None  # how many eval rows the value was computed on
+    precision: str | None = None  # base precision it was measured at: bf16, fp32, nf4, int8
 
 
 @dataclass
@@ -97,6 +98,7 @@ class VersionRecord:
     chat_template_sha256: str | None
     sha256: str
     size: int
+    lora: dict | None = None  # rank, alpha, target modules, ... from its adapter config
 
     @property
     def label(self) -> str:
@@ -111,7 +113,7 @@ class VersionRecord:
             dataset_sha256=row.dataset_sha256, dataset_rows=row.dataset_rows, dataset_source=row.dataset_source,
             train_config=row.train_config, seed=row.seed, train_metrics=row.train_metrics,
             lib_versions=row.lib_versions, chat_template_sha256=row.chat_template_sha256,
-            sha256=row.sha256, size=row.size,
+            sha256=row.sha256, size=row.size, lora=row.lora,
         )
 
 

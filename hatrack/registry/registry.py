@@ -404,6 +404,8 @@ def _check_score(score: ScoreIn) -> ScoreIn:
     for field, value in (("value", score.value), ("base_value", score.base_value)):
         if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value)):
             raise RegistryError(f"score {score.metric!r}: {field} must be a finite number, got {value!r}")
+    if score.precision is not None and (not isinstance(score.precision, str) or not 0 < len(score.precision) <= 32):
+        raise RegistryError(f"score {score.metric!r}: precision must be 1-32 characters, got {score.precision!r}")
     if score.rows is not None and (isinstance(score.rows, bool) or not isinstance(score.rows, int) or score.rows < 0):
         raise RegistryError(f"score {score.metric!r}: rows must be a count of eval rows, got {score.rows!r}")
     return score
@@ -413,7 +415,8 @@ def _add_score_rows(session: Session, version_id: int, scores: list[ScoreIn]) ->
     for s in scores:
         session.add(Score(version_id=version_id, metric=s.metric, value=float(s.value),
                           base_value=None if s.base_value is None else float(s.base_value),
-                          dataset_sha256=s.dataset_sha256, split=s.split, rows=s.rows))
+                          dataset_sha256=s.dataset_sha256, split=s.split, rows=s.rows,
+                          precision=s.precision))
 
 
 def _jsonable(value: Any) -> Any:

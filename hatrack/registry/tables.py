@@ -9,8 +9,9 @@ from typing import Any, Optional
 from sqlalchemy import JSON, BigInteger, Column, ForeignKey, Integer, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
-# 1: the first release; 2: scores.rows. Steps between versions: migrations.py.
-SCHEMA_VERSION = 2
+# 1: the first release; 2: scores.rows; 3: scores.precision and adapter_versions.lora.
+# Steps between versions: migrations.py.
+SCHEMA_VERSION = 3
 
 
 def utcnow() -> datetime:
@@ -58,6 +59,8 @@ class AdapterVersion(SQLModel, table=True):
     chat_template_sha256: Optional[str] = Field(default=None, max_length=64)
     sha256: str = Field(index=True, max_length=64)
     size: int = Field(sa_column=Column(BigInteger, nullable=False))
+    # the adapter's own shape, read from its config at register: rank, alpha, targets, ...
+    lora: Optional[dict[str, Any]] = Field(default=None, sa_column=Column(JSON))
 
 
 class Tag(SQLModel, table=True):
@@ -84,6 +87,8 @@ class Score(SQLModel, table=True):
     split: str = Field(default="heldout", max_length=256)
     created: datetime = Field(default_factory=utcnow)
     rows: Optional[int] = None  # eval rows the score was computed on (None: not recorded)
+    # the base precision the score was measured at ("bf16", "fp32", "nf4", "int8"; None: not recorded)
+    precision: Optional[str] = Field(default=None, max_length=32)
 
 
 class Alias(SQLModel, table=True):

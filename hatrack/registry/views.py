@@ -45,7 +45,7 @@ def _row_dict(v: AdapterVersion, tags: dict[str, str], scores: list[Score], alia
         "parent_version": v.parent_version, "dataset_sha256": v.dataset_sha256,
         "dataset_rows": v.dataset_rows, "dataset_source": v.dataset_source, "seed": v.seed,
         "sha256": v.sha256, "size": v.size, "tags": tags, "scores": values, "base_scores": base_values,
-        "aliases": sorted(aliases),
+        "aliases": sorted(aliases), "lora": v.lora,
     }
 
 
@@ -114,7 +114,8 @@ def version_info(reg: "Registry", name: str, version: int) -> dict[str, Any]:
         "artifact": {"sha256": v.sha256, "size": v.size},
         "score_rows": [
             {"metric": s.metric, "value": s.value, "base_value": s.base_value,
-             "dataset_sha256": s.dataset_sha256, "split": s.split, "rows": s.rows, "created": iso(s.created)}
+             "dataset_sha256": s.dataset_sha256, "split": s.split, "rows": s.rows,
+             "precision": s.precision, "created": iso(s.created)}
             for s in scores
         ],
         "alias_history": [
