@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from hatrack import basemodel, settings
+from hatrack.precision import precision_label
 from hatrack.errors import HatrackError
 from hatrack.registry import DatasetInfo, Registry, ScoreIn, parse_ref, validate_name
 from hatrack.trainer import data as data_mod
@@ -204,7 +205,7 @@ def train(config: TrainConfig, registry: Registry, *, progress: bool = True) -> 
         mine, theirs, samples = evaluation.score_both(
             model, tokenizer, heldout, eot_ids, config.max_length, on_stage=None
         )
-        scores = to_scores(mine, theirs, dataset.sha256, "heldout")
+        scores = to_scores(mine, theirs, dataset.sha256, "heldout", runtime.precision)
 
     metrics: dict[str, Any] = {
         "final_loss": result.final_loss,
@@ -249,7 +250,9 @@ def train(config: TrainConfig, registry: Registry, *, progress: bool = True) -> 
     )
 
 
-def to_scores(mine, theirs, dataset_sha: str, split: str) -> list[ScoreIn]:
+def to_scores(mine, theirs, dataset_sha: str, split: str, precision: str | None = None) -> list[ScoreIn]:
+    """Scores of the adapter beside its base's, each recording the base precision
+    (`bf16`, `fp32`, `nf4`, `int8`) both were measured at."""
     out = []
     for metric in METRICS:
         value = getattr(mine, metric)
@@ -257,13 +260,19 @@ def to_scores(mine, theirs, dataset_sha: str, split: str) -> list[ScoreIn]:
             continue
         rows = mine.answer_rows if metric in ("exact_match", "contains") else mine.loss_rows
         out.append(ScoreIn(metric=metric, value=float(value), base_value=float(getattr(theirs, metric)),
-                           dataset_sha256=dataset_sha, split=split, rows=rows))
+                           dataset_sha256=dataset_sha, split=split, rows=rows, precision=precision))
     return out
 
 
-def evaluate(registry: Registry, ref: str, data: str, *, progress: bool = True) -> list[ScoreIn]:
+def evaluate(registry: Registry, ref: str, data: str, *, quantize: str | None = None,
+             progress: bool = True) -> list[ScoreIn]:
     """Score version `ref` (NAME or NAME@V) and its base on `data`; add the scores to
-    that version with split "eval:<file name>"."""
+    that version with split "eval:<file name>". `quantize` scores both at a serving
+    precision (nf4, int8, none); by default at the precision the version was trained at."""
+    from hatrack.trainer.runtime import check_quantize
+
+    if quantize is not None:
+        check_quantize(quantize)
     record = registry.version_of(ref)
     dataset = data_mod.load_dataset(data)
     base = registry.get_base(record.base_name)
@@ -275,8 +284,10 @@ def evaluate(registry: Registry, ref: str, data: str, *, progress: bool = True) 
 
     from hatrack.trainer import evaluation, runtime as rt
 
-    runtime = rt.choose_runtime(record.quantization if record.quantization in rt.QUANTIZE_CHOICES else None)
-    _say(progress, f"scoring {record.label} and {base.name} on {dataset.label} ({dataset.rows} rows) ...")
+    trained_at = record.quantization if record.quantization in rt.QUANTIZE_CHOICES else None
+    runtime = rt.choose_runtime(quantize or trained_at)
+    _say(progress, f"scoring {record.label} and {base.name} on {dataset.label} ({dataset.rows} rows) "
+                   f"at {runtime.precision} ...")
     model, tokenizer = rt.load_for_eval(Path(base.path), runtime, adapter_dir)
     try:
         gen_config = GenerationConfig.from_pretrained(base.path)
@@ -285,6 +296,6 @@ def evaluate(registry: Registry, ref: str, data: str, *, progress: bool = True) 
     eot_ids = end_of_turn_ids(tokenizer, gen_config)
     max_length = int((record.train_config or {}).get("max_length") or 1024)
     mine, theirs, _ = evaluation.score_both(model, tokenizer, dataset.examples, eot_ids, max_length)
-    scores = to_scores(mine, theirs, dataset.sha256, f"eval:{dataset.label}")
+    scores = to_scores(mine, theirs, dataset.sha256, f"eval:{dataset.label}", runtime.precision)
     registry.add_scores(record.name, record.version, scores)
     return scores

@@ -17,8 +17,7 @@ from typing import Any
 
 from hatrack import basemodel
 from hatrack.errors import HatrackError
-
-QUANTIZE_CHOICES = ("nf4", "int8", "none")
+from hatrack.precision import QUANTIZE_CHOICES, precision_label
 
 
 @dataclass(frozen=True)
@@ -38,6 +37,11 @@ class Runtime:
         import torch
 
         return self.dtype == torch.float16
+
+    @property
+    def precision(self) -> str:
+        """The label scores record: bf16 / fp32 for a dense base, nf4 / int8 for a quantized one."""
+        return precision_label(self.quantize, self.dtype)
 
 
 @functools.lru_cache(maxsize=None)
@@ -62,11 +66,17 @@ def choose_runtime(quantize: str | None) -> Runtime:
     dtype = basemodel.compute_dtype(device)
     if quantize is None:
         quantize = "nf4" if device.startswith("cuda") and bitsandbytes_works(device) else "none"
-    if quantize not in QUANTIZE_CHOICES:
-        raise HatrackError(f"--quantize must be one of {', '.join(QUANTIZE_CHOICES)}; got {quantize!r}")
+    check_quantize(quantize)
     if quantize != "none" and not bitsandbytes_works(device):
         raise HatrackError(f"--quantize {quantize}: bitsandbytes does not work on this machine; use --quantize none")
     return Runtime(device=device, dtype=dtype, quantize=quantize)
+
+
+def check_quantize(quantize: str) -> str:
+    """Torch-free: callers check the option before any heavy import."""
+    if quantize not in QUANTIZE_CHOICES:
+        raise HatrackError(f"--quantize must be one of {', '.join(QUANTIZE_CHOICES)}; got {quantize!r}")
+    return quantize
 
 
 @dataclass(frozen=True)
