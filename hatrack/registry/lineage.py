@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from hatrack import adapter_format, settings
+from hatrack import adapter_format
 from hatrack.adapter_format import AdapterFormatError, AdapterLayout
 from hatrack.registry.errors import ArtifactError, LineageError
 from hatrack.safetensors_header import SafetensorsHeaderError, linear_shapes
@@ -16,7 +16,7 @@ from hatrack.safetensors_header import SafetensorsHeaderError, linear_shapes
 def servable_layout(folder: Path) -> AdapterLayout:
     """The adapter's layout, held to the servable rank limit; an ArtifactError otherwise."""
     try:
-        return adapter_format.check_servable(Path(folder), settings.max_rank())
+        return adapter_format.check_servable(Path(folder))
     except AdapterFormatError as exc:
         raise ArtifactError(str(exc)) from None
 

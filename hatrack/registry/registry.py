@@ -24,8 +24,8 @@ from hatrack.registry.db import init_schema, make_engine
 from hatrack.registry.errors import InvalidNameError, NotFoundError, RegistryError
 from hatrack.registry.lineage import check_fits
 from hatrack.registry.names import PROD, parse_ref, validate_name, validate_tag_key, validate_tags
-from hatrack.registry.staging import staged
 from hatrack.registry.records import BaseRecord, DatasetInfo, KeyRecord, ResolvedModel, ScoreIn, VersionRecord
+from hatrack.registry.staging import staged
 from hatrack.registry.store import ArtifactStore, artifact_files, hash_folder
 from hatrack.registry.tables import AdapterVersion, Alias, BaseModelRow, Score, Tag
 
