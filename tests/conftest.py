@@ -161,7 +161,9 @@ def hand_adapter(folder: Path, shapes: dict[str, list[int]], claim_extra: int = 
     import json
 
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8}))
+    # r as the first lora_A tensor says, so the config agrees with the weights
+    rank = next((shape[0] for key, shape in shapes.items() if ".lora_A." in key), 8)
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": rank}))
     write_safetensors(folder / "adapter_model.safetensors", shapes, claim_extra)
     return folder
 

@@ -41,14 +41,15 @@ def test_register_versions_resolve_and_open(reg: Registry, adapters, hatrack_hom
     assert sorted(p.name for p in store.iterdir()) == sorted({v1.sha256, v3.sha256})  # one copy per content
     assert (hatrack_home / "registry.db").is_file() == (not os.environ.get("HATRACK_DB_URL"))
 
-    # sha256 is over the two files in name order, each as name + NUL + bytes
-    digest = hashlib.sha256()
-    for name in ("adapter_config.json", "adapter_model.safetensors"):
-        digest.update(name.encode() + b"\0" + (adapters["a"] / name).read_bytes())
-    assert v1.sha256 == digest.hexdigest()
+    # sha256 is over the two stored files in name order, each as name + NUL + bytes
     folder = reg.open_artifact(v1.sha256)
     assert folder == store / v1.sha256
     assert sorted(p.name for p in folder.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    digest = hashlib.sha256()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        digest.update(name.encode() + b"\0" + (folder / name).read_bytes())
+    assert v1.sha256 == digest.hexdigest()
+    assert (folder / "adapter_model.safetensors").read_bytes() == (adapters["a"] / "adapter_model.safetensors").read_bytes()
 
     newest = reg.resolve("acme-support")
     assert (newest.kind, newest.version, newest.sha256, newest.label) == ("adapter", 3, v3.sha256, "acme-support@3")

@@ -7,20 +7,17 @@ official OpenAI client, prints the answers side by side and the registry table.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
 import typer
 
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+from hatrack.hashing import sha256_file
 
 
 def _existing_version(registry, name: str, data: Path) -> int | None:
     """A ready version of `name` already trained on exactly this file."""
-    digest = _sha256(data)
+    digest = sha256_file(data)
     for row in registry.list_versions(name=name):
         if row.get("dataset_sha256") == digest and row.get("status", "ready") == "ready":
             return int(row["version"])

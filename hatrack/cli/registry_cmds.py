@@ -124,7 +124,8 @@ def base_list(as_json: bool = JSON_OPT) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title="base models")
+    # the engine's slots hold ranks up to this limit; `register` refuses larger ones
+    table = Table(title="base models", caption=f"adapters servable up to max rank {settings.max_rank()} (HATRACK_MAX_RANK)")
     for column in ("name", "fingerprint", "source", "created"):
         table.add_column(column, overflow="fold")
     for b in bases:
@@ -147,7 +148,7 @@ def base_add(
     if as_json:
         _dump(record.to_dict())
     else:
-        print(f"base {record.name}: fingerprint {record.fingerprint}")
+        print(f"base {record.name}: fingerprint {record.fingerprint}; adapters up to max rank {settings.max_rank()}")
 
 
 # ---------------------------------------------------------------- register, list, show
@@ -169,6 +170,8 @@ def register(
     reg = _registry()
     basemodel.ensure_base(reg, base)
     record = reg.register(path, name=name, base=base, tags=tags)
+    if record.same_artifact:
+        typer.echo(f"note: same artifact as {', '.join(record.same_artifact)} (sha256 {record.sha256[:12]})", err=True)
     if as_json:
         _dump(reg.version_info(record.name, record.version))
     else:
@@ -210,6 +213,10 @@ def show(
     for key, value in info.items():
         if key in ("label", "created_ts"):
             continue
+        if key == "lora" and value:
+            value = (f"rank {value.get('rank')}, alpha {value.get('alpha'):g}"
+                     + (" (rslora)" if value.get("use_rslora") else "")
+                     + f", {value.get('modules')} modules: {' '.join(value.get('target_modules') or [])}")
         if isinstance(value, (dict, list)):
             value = json.dumps(value, default=str) if value else "-"
         table.add_row(key, "-" if value is None else str(value))

@@ -4,7 +4,6 @@ version uses are removed with the versions."""
 
 from __future__ import annotations
 
-import hashlib
 import re
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -13,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlmodel import select
 
+from hatrack.hashing import sha256_file
 from hatrack.registry.errors import RegistryError
 from hatrack.registry.store import SHA_RE
 from hatrack.registry.tables import AdapterVersion, Alias
@@ -40,11 +40,7 @@ def dataset_digest(file_or_sha: str) -> str:
     path = Path(file_or_sha).expanduser()
     if not path.is_file():
         raise RegistryError(f"--trained-on {file_or_sha!r}: neither a file nor a sha256")
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return sha256_file(path)
 
 
 @dataclass

@@ -99,6 +99,8 @@ class VersionRecord:
     sha256: str
     size: int
     lora: dict | None = None  # rank, alpha, target modules, ... from its adapter config
+    # set by register only: earlier versions of this name holding the same artifact bytes
+    same_artifact: tuple[str, ...] = ()
 
     @property
     def label(self) -> str:

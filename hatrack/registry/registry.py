@@ -4,6 +4,7 @@ live in their own modules; the methods here are thin doors into them."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import random
@@ -17,12 +18,14 @@ from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 from sqlmodel import Session, select
 
 from hatrack import settings
+from hatrack.adapter_format import AdapterLayout
 from hatrack.registry import tables
 from hatrack.registry.db import init_schema, make_engine
 from hatrack.registry.errors import InvalidNameError, NotFoundError, RegistryError
 from hatrack.registry.lineage import check_fits
 from hatrack.registry.names import PROD, parse_ref, validate_name, validate_tag_key, validate_tags
 from hatrack.registry.records import BaseRecord, DatasetInfo, KeyRecord, ResolvedModel, ScoreIn, VersionRecord
+from hatrack.registry.staging import staged
 from hatrack.registry.store import ArtifactStore, artifact_files, hash_folder
 from hatrack.registry.tables import AdapterVersion, Alias, BaseModelRow, Score, Tag
 
@@ -127,7 +130,9 @@ class Registry:
                  seed: int | None = None, train_metrics: dict | None = None,
                  chat_template_sha256: str | None = None, lib_versions: dict[str, str] | None = None,
                  scores: list[ScoreIn] | None = None) -> VersionRecord:
-        """Check that the PEFT folder fits `base`, store its artifact, record version N+1."""
+        """Check that the PEFT folder can be served on `base`, store its artifact (its config
+        naming the base, not a local path), record version N+1 with the adapter's shape.
+        The record's same_artifact lists earlier versions of `name` with the same bytes."""
         validate_name(name)
         tags = validate_tags(tags)
         scores = [_check_score(s) for s in scores or []]
@@ -141,15 +146,9 @@ class Registry:
             if parent_version is not None and _version_row(session, name, parent_version) is None:
                 raise NotFoundError(f"parent version {name}@{parent_version} does not exist")
         artifact_files(folder)
-        check_fits(folder, base_rec.path, base_rec.name)
-        already_stored = self.store.exists(hash_folder(folder))
-        sha256, size = self.store.put(folder)
-
-        def insert(session: Session) -> VersionRecord:
-            latest = session.exec(select(func.max(AdapterVersion.version)).where(AdapterVersion.name == name)).one()
-            row = AdapterVersion(
-                name=name, version=(latest or 0) + 1, status=READY,
-                base_name=base_rec.name, base_fingerprint=base_rec.fingerprint, base_source=base_rec.source,
+        layout = check_fits(folder, base_rec.path, base_rec.name)
+        with staged(folder, base_rec.name, base_rec.source) as stage:
+            return self._store_and_insert(stage, name, base_rec, tags, scores, layout, dict(
                 quantization=quantization, parent_version=parent_version,
                 dataset_sha256=dataset.sha256 if dataset else None,
                 dataset_rows=dataset.rows if dataset else None,
@@ -157,14 +156,30 @@ class Registry:
                 train_config=_jsonable(train_config), seed=seed, train_metrics=_jsonable(train_metrics),
                 lib_versions=_jsonable(lib_versions),
                 chat_template_sha256=chat_template_sha256 or base_rec.chat_template_sha256,
-                sha256=sha256, size=size,
+            ))
+
+    def _store_and_insert(self, folder: Path, name: str, base_rec: BaseRecord, tags: dict[str, str],
+                          scores: list[ScoreIn], layout: AdapterLayout | None, fields: dict[str, Any]) -> VersionRecord:
+        already_stored = self.store.exists(hash_folder(folder))
+        sha256, size = self.store.put(folder)
+
+        def insert(session: Session) -> VersionRecord:
+            latest = session.exec(select(func.max(AdapterVersion.version)).where(AdapterVersion.name == name)).one()
+            # the same bytes registered again still make a version (training twice is
+            # legitimate); the record says which versions it repeats
+            same = session.exec(select(AdapterVersion.version).where(
+                AdapterVersion.name == name, AdapterVersion.sha256 == sha256).order_by(AdapterVersion.version)).all()
+            row = AdapterVersion(
+                name=name, version=(latest or 0) + 1, status=READY,
+                base_name=base_rec.name, base_fingerprint=base_rec.fingerprint, base_source=base_rec.source,
+                sha256=sha256, size=size, lora=layout.summary() if layout else None, **fields,
             )
             session.add(row)
             session.flush()
             for key, value in tags.items():
                 session.add(Tag(version_id=row.id, key=key, value=value))
             _add_score_rows(session, row.id, scores)
-            return VersionRecord.of(row)
+            return dataclasses.replace(VersionRecord.of(row), same_artifact=tuple(f"{name}@{v}" for v in same))
 
         try:
             record = self.write(insert)

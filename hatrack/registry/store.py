@@ -14,49 +14,31 @@ import tempfile
 import time
 from pathlib import Path
 
+from hatrack import adapter_format
+from hatrack.adapter_format import ARTIFACT_FILES, CONFIG, WEIGHTS  # noqa: F401  (re-exported)
 from hatrack.errors import disk_condition
+from hatrack.hashing import sha256_file
 from hatrack.registry.errors import ArtifactError
 
-CONFIG = "adapter_config.json"
-WEIGHTS = "adapter_model.safetensors"
-ARTIFACT_FILES = (CONFIG, WEIGHTS)  # already in sorted name order
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 TMP_PREFIX = ".tmp-"
 SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 _BLOCK = 1 << 20
 
 
-def refuse_pickles(folder: Path) -> None:
-    """A folder without safetensors weights but with pickle files is refused outright."""
-    if (folder / WEIGHTS).is_file():
-        return
-    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
-    if pickles:
-        raise ArtifactError(
-            f"{folder}: holds {pickles[0]} but no {WEIGHTS}; pickle files are not loaded for safety "
-            f"(save the adapter with safetensors)"
-        )
-
-
 def artifact_files(folder: Path) -> tuple[Path, Path]:
-    """The two files of an adapter folder, or an ArtifactError naming what is missing."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise ArtifactError(f"{folder}: not a folder")
-    refuse_pickles(folder)
-    for name in ARTIFACT_FILES:
-        if not (folder / name).is_file():
-            raise ArtifactError(f"{folder}: missing {name} (expected a PEFT adapter folder)")
-    return folder / CONFIG, folder / WEIGHTS
+    """The two files of an adapter folder, or an ArtifactError naming what is missing
+    (a folder of pickle weights only is refused: they are never loaded)."""
+    try:
+        return adapter_format.artifact_files(folder)
+    except adapter_format.AdapterFormatError as exc:
+        raise ArtifactError(str(exc)) from None
 
 
 def hash_folder(folder: Path) -> str:
     digest = hashlib.sha256()
     for path in artifact_files(folder):
         digest.update(path.name.encode() + b"\0")
-        with open(path, "rb") as fh:
-            for block in iter(lambda: fh.read(_BLOCK), b""):
-                digest.update(block)
+        sha256_file(path, into=digest)
     return digest.hexdigest()
 
 

@@ -17,8 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hatrack import basemodel, settings
-from hatrack.precision import precision_label
+from hatrack import adapter_format, basemodel, settings
 from hatrack.errors import HatrackError
 from hatrack.registry import DatasetInfo, Registry, ScoreIn, parse_ref, validate_name
 from hatrack.trainer import data as data_mod
@@ -95,6 +94,7 @@ def _check_config(config: TrainConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise HatrackError(message)
+    adapter_format.check_rank(config.rank, field_name="--rank")  # refused here, not after training
 
 
 def _prepare_run_dir(config: TrainConfig, dataset_sha: str) -> tuple[TrainConfig, Path, Path | None]:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from hatrack.errors import HatrackError
+from hatrack.hashing import sha256_file
 
 ROLES = ("system", "user", "assistant")
 SHAPES = "messages | instruction/output | prompt/completion | text"
@@ -79,7 +80,7 @@ def load_dataset(source: str) -> Dataset:
     path = Path(source).expanduser()
     if path.is_file():
         label = path.name
-        sha = _sha256_file(path)
+        sha = sha256_file(path)
         records = _read_file(path, label)
     elif path.exists():
         raise DatasetError([f"{source}: not a file"])
@@ -100,14 +101,6 @@ def load_dataset(source: str) -> Dataset:
     if not examples:
         raise DatasetError([f"{label}: no rows"])
     return Dataset(source=source, label=label, sha256=sha, examples=examples)
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _looks_like_hub_name(source: str) -> bool:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from hatrack import settings
 from hatrack.server.engine.adapters import AdapterCache
 from hatrack.server.engine.errors import (
     EngineError,
@@ -64,12 +65,14 @@ class Engine:
         max_host: int = 64,
         max_batch: int = 32,
         max_context: int | None = None,
-        max_rank: int = 64,
+        max_rank: int | None = None,
         max_waiting: int = 256,
         cpu_kernel: bool = True,
     ):
         """cpu_kernel: on CPU, use the compiled LoRA decode kernel where it can be built
-        (False: torch ops only)."""
+        (False: torch ops only). max_rank: the largest LoRA rank the slots hold; None
+        takes HATRACK_MAX_RANK (default 64), the limit `register` holds adapters to."""
+        max_rank = settings.max_rank() if max_rank is None else max_rank
         if max_loaded < 1 or max_batch < 1 or max_rank < 1 or max_waiting < 1:
             raise EngineError("max_loaded, max_batch, max_rank and max_waiting must be at least 1")
         self.model = model
