@@ -44,7 +44,7 @@ def loaded_server(tmp_path_factory, tiny_base_dir: Path):
     with hatrack_home_env(home):
         registry = tiny_registry(tiny_base_dir, BASE)
         register_random_adapters(registry, BASE, tiny_base_dir, home / "src", ADAPTERS, first_seed=50)
-        server = ServerProcess(home, "--base", BASE, "--quantize", "none", "--device", "cpu",
+        server = ServerProcess(home, "--base", BASE, "--quantize", "none", "--device", "cpu", "--no-auth",
                                "--max-loaded", "4", "--max-batch", "32").start()
         yield server
         server.stop()

@@ -40,6 +40,12 @@ def serve(
     shutdown_timeout: float = typer.Option(
         30.0, help="On SIGTERM: seconds to let in-flight requests finish before exiting."
     ),
+    no_auth: bool = typer.Option(
+        False, "--no-auth",
+        help="Serve everyone without a key. Without it every /v1 call and /metrics need "
+             "'Authorization: Bearer KEY' (from `hatrack keys create`), even while no key exists; "
+             "keys created or revoked while serving take effect within 1 second.",
+    ),
     log_level: str = typer.Option("info", help="uvicorn log level."),
 ) -> None:
     """Serve the base and every registered adapter behind an OpenAI-compatible API.
@@ -55,7 +61,7 @@ def serve(
     config = ServeConfig(
         base=base, quantize=quantize, device=device, max_loaded=max_loaded, max_host=max_host,
         max_batch=max_batch, max_waiting=max_waiting, default_max_tokens=max_tokens,
-        max_body_bytes=max_body_bytes, shutdown_timeout=shutdown_timeout,
+        max_body_bytes=max_body_bytes, shutdown_timeout=shutdown_timeout, auth=not no_auth,
     )
     app = create_app(config)
     server = DrainingServer(uvicorn.Config(app, host=host, port=port, log_level=log_level,

@@ -46,6 +46,7 @@ class ServeConfig:
     max_context: int | None = None
     default_max_tokens: int = 256
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES  # larger request bodies get 413
+    auth: bool = True  # False: open to anyone, no key (`--no-auth`); chosen here, never inferred
     shutdown_timeout: float = 30.0
     engine_options: dict[str, Any] = field(default_factory=dict)
 
@@ -55,7 +56,7 @@ class ServerState:
         self.config = config
         self.registry = registry
         self.metrics = ServerMetrics()
-        self.gate = KeyGate(registry)
+        self.gate = KeyGate(registry, open_access=not config.auth)
         self.engine = None
         self.tokenizer = None
         self.catalog: Catalog | None = None
@@ -98,12 +99,26 @@ def _stop_token_ids(tokenizer) -> tuple[int, ...]:
     return tuple(sorted(i for i in ids if i is not None))
 
 
+def _warn_if_keyed_without_keys(state: ServerState) -> None:
+    if not state.config.auth:
+        return
+    try:
+        has_keys = state.registry.has_keys()
+    except Exception:  # the registry's own errors surface on the first request
+        return
+    if not has_keys:
+        log.warning("no API keys exist yet: every /v1 call is refused (401) until one is created with "
+                    "`hatrack keys create --tenant T --allow PATTERN`, or restart with --no-auth to serve "
+                    "without keys")
+
+
 def create_app(config: ServeConfig | None = None, registry: Registry | None = None) -> FastAPI:
     config = config or ServeConfig()
     state = ServerState(config, registry or Registry())
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
+        _warn_if_keyed_without_keys(state)
         threading.Thread(target=state.load, name="hatrack-load", daemon=True).start()
         yield
         if state.engine is not None:
@@ -117,7 +132,7 @@ def create_app(config: ServeConfig | None = None, registry: Registry | None = No
     install_error_handlers(app)
     install_openapi(app)
     # documents the bearer key in /openapi.json; the check itself is KeyGate's
-    bearer = Depends(HTTPBearer(auto_error=False, description="Needed once `hatrack keys create` made a key"))
+    bearer = Depends(HTTPBearer(auto_error=False, description="A key from `hatrack keys create` (not needed with `serve --no-auth`)"))
 
     def require_ready() -> None:
         if not state.ready.is_set():
