@@ -168,13 +168,18 @@ def create_app(config: ServeConfig | None = None, registry: Registry | None = No
         body = error_body(state.load_error or "the base model is still loading", "server_error", "not_ready")
         return JSONResponse(body, status_code=503)
 
-    @app.get("/metrics", response_class=Response,
+    @app.get("/metrics", response_class=Response, dependencies=[bearer],
              responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},
-                              "description": "Prometheus text format"}})
-    async def metrics() -> Response:
+                              "description": "Prometheus text format; with keys, only the series of "
+                                             "models the key may use"}, **errors(401)})
+    async def metrics(request: Request) -> Response:
+        key = caller(request)
         if state.engine is not None:
             state.metrics.refresh_from(state.engine.stats())
-        return Response(state.metrics.render(), media_type="text/plain; version=0.0.4")
+            await run_in_threadpool(lambda: state.metrics.forget_models_except(state.catalog.live_labels()))
+        base = state.catalog.base_name if state.catalog else None
+        visible = None if key is None else (lambda label: label == base or state.gate.allows(key, label))
+        return Response(state.metrics.render(visible), media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models", response_model=None, dependencies=[bearer],
              responses={200: {"model": ModelList}, **errors(401, 503)})
