@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPBearer
 
 from hatrack import settings
+from hatrack.chat_format import end_of_turn_ids, load_generation_config
 from hatrack.registry import Registry
 from hatrack.server.auth import KeyGate, Unauthorized
 from hatrack.server.catalog import BaseMismatch, Catalog, ModelNotFound, Target
@@ -80,7 +81,8 @@ class ServerState:
                 max_waiting=self.config.max_waiting, **self.config.engine_options,
             )
             engine.start()
-            self.stop_ids = _stop_token_ids(tokenizer)
+            # the base's own end tokens: tokenizer eos, generation config eos, the template's end of turn
+            self.stop_ids = tuple(sorted(end_of_turn_ids(tokenizer, load_generation_config(record.path))))
             self.catalog = Catalog(self.registry, record.name, record.fingerprint)
             self.tokenizer, self.engine = tokenizer, engine
             self.ready.set()
@@ -88,15 +90,6 @@ class ServerState:
         except Exception as err:  # reported by /ready and every /v1 call
             self.load_error = str(err).splitlines()[0] if str(err) else type(err).__name__
             log.error("base model failed to load: %s", self.load_error)
-
-
-def _stop_token_ids(tokenizer) -> tuple[int, ...]:
-    ids = {tokenizer.eos_token_id}
-    for token in ("<|im_end|>", "<|eot_id|>", "<|end|>"):
-        tid = tokenizer.convert_tokens_to_ids(token)
-        if isinstance(tid, int) and tid != tokenizer.unk_token_id:
-            ids.add(tid)
-    return tuple(sorted(i for i in ids if i is not None))
 
 
 def _warn_if_keyed_without_keys(state: ServerState) -> None:
