@@ -70,6 +70,20 @@ def test_chat_answers_per_adapter_with_usage_and_audit_header(served):
     assert len(set(answers.values())) == 3, answers
 
 
+def test_base_answers_carry_its_fingerprint_streamed_or_not(served):
+    server, registry, _ = served
+    fingerprint = registry.get_base(BASE).fingerprint
+    raw = client(server).chat.completions.with_raw_response.create(
+        model=BASE, messages=QUESTION, temperature=0, max_tokens=4)
+    assert raw.headers["x-hatrack-model"] == BASE
+    assert raw.headers["x-hatrack-artifact-sha256"] == fingerprint
+    with httpx.stream("POST", f"{server.url}/v1/completions",
+                      json={"model": BASE, "prompt": "Hello", "max_tokens": 2, "stream": True}) as resp:
+        assert resp.status_code == 200
+        assert resp.headers["x-hatrack-artifact-sha256"] == fingerprint
+        resp.read()
+
+
 def test_mixed_concurrent_batch_equals_each_alone(served):
     """Greedy answers for several adapters and the base served together (more distinct
     models than the 2 device slots) equal each one served alone: no cross-talk."""

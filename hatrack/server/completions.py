@@ -39,11 +39,10 @@ class Job:
 
 
 def response_headers(target: Target) -> dict[str, str]:
-    """Every answer says which version answered it, so a client or router can audit it."""
-    headers = {"X-Hatrack-Model": target.label}
-    if target.resolved.sha256:
-        headers["X-Hatrack-Artifact-Sha256"] = target.resolved.sha256
-    return headers
+    """Every answer says which version answered it, so a client or router can audit it:
+    an adapter's artifact sha256, or for the base its fingerprint."""
+    digest = target.resolved.sha256 if target.adapter is not None else target.resolved.base_fingerprint
+    return {"X-Hatrack-Model": target.label, "X-Hatrack-Artifact-Sha256": digest}
 
 
 def sampling_params(body, prompt_len: int, context: int, default_max: int,
