@@ -19,6 +19,7 @@ from fastapi.security import HTTPBearer
 
 from hatrack import settings
 from hatrack.chat_format import end_of_turn_ids, load_generation_config
+from hatrack.precision import default_serving_quantize, precision_label
 from hatrack.registry import Registry
 from hatrack.server.auth import KeyGate, Unauthorized
 from hatrack.server.catalog import BaseMismatch, Catalog, ModelNotFound, Target
@@ -26,6 +27,7 @@ from hatrack.server.completions import Job, Runner, sampling_params
 from hatrack.server.errors import APIError, bad_request, install_error_handlers, model_not_found, strip_paths
 from hatrack.server.limits import DEFAULT_MAX_BODY_BYTES, BodyLimit, JSONBodyRoute
 from hatrack.server.metrics import ServerMetrics
+from hatrack.server.precision_notice import PrecisionNotice
 from hatrack.server.openapi import (
     ChatCompletion, ChatCompletionChunk, Health, ModelCard, ModelList, Ready, TextCompletion,
     TextCompletionChunk, completion_ok, errors, install_openapi,
@@ -38,8 +40,9 @@ log = logging.getLogger("hatrack.server")
 @dataclass
 class ServeConfig:
     base: str = settings.DEFAULT_BASE_NAME
-    quantize: str = "nf4"  # nf4 | int8 | none
+    quantize: str = "auto"  # auto | nf4 | int8 | none; auto: the device's serving default, resolved at load
     device: str | None = None  # default: cuda if available, else cpu
+    max_rank: int | None = None  # largest LoRA rank served; None: settings.max_rank()
     max_loaded: int = 8  # adapters in device slots
     max_host: int = 64  # adapters kept in host memory
     max_batch: int = 32
@@ -61,6 +64,7 @@ class ServerState:
         self.engine = None
         self.tokenizer = None
         self.catalog: Catalog | None = None
+        self.notice: PrecisionNotice | None = None
         self.stop_ids: tuple[int, ...] = ()
         self.load_error: str | None = None
         self.ready = threading.Event()
@@ -72,24 +76,34 @@ class ServerState:
             from hatrack.server.engine import Engine
 
             record = basemodel.ensure_base(self.registry, self.config.base)
-            model, tokenizer = basemodel.load_base(
-                record.path, quantize=self.config.quantize, device=self.config.device
-            )
+            device = self.config.device or basemodel.best_device()
+            quantize = resolve_quantize(self.config.quantize, device)
+            max_rank = self.config.max_rank or settings.max_rank()
+            model, tokenizer = basemodel.load_base(record.path, quantize=quantize, device=device)
             engine = Engine(
                 model, tokenizer, max_loaded=self.config.max_loaded, max_host=self.config.max_host,
                 max_batch=self.config.max_batch, max_context=self.config.max_context,
-                max_waiting=self.config.max_waiting, **self.config.engine_options,
+                max_waiting=self.config.max_waiting, max_rank=max_rank, **self.config.engine_options,
             )
             engine.start()
             # the base's own end tokens: tokenizer eos, generation config eos, the template's end of turn
             self.stop_ids = tuple(sorted(end_of_turn_ids(tokenizer, load_generation_config(record.path))))
+            precision = precision_label(quantize, model.dtype)
+            self.notice = PrecisionNotice(self.registry, precision)
             self.catalog = Catalog(self.registry, record.name, record.fingerprint)
             self.tokenizer, self.engine = tokenizer, engine
             self.ready.set()
-            log.info("ready: base %s (%s)", record.name, self.config.quantize)
+            log.info("ready: base %s (fingerprint %s), device %s, precision %s, max rank %d, auth %s, "
+                     "LoRA decode on %s", record.name, record.fingerprint[:12], engine.device, precision,
+                     max_rank, "keys" if self.config.auth else "open (--no-auth)", engine.lora_backend)
         except Exception as err:  # reported by /ready and every /v1 call
             self.load_error = str(err).splitlines()[0] if str(err) else type(err).__name__
             log.error("base model failed to load: %s", self.load_error)
+
+
+def resolve_quantize(quantize: str, device: str) -> str:
+    """`auto` is the serving default of the device the base runs on."""
+    return default_serving_quantize(device) if quantize == "auto" else quantize
 
 
 def _warn_if_keyed_without_keys(state: ServerState) -> None:
@@ -144,11 +158,14 @@ def create_app(config: ServeConfig | None = None, registry: Registry | None = No
         key = caller(request)
         require_ready()
         try:
-            return await run_in_threadpool(state.catalog.lookup, model, lambda n: state.gate.allows(key, n))
+            target = await run_in_threadpool(state.catalog.lookup, model, lambda n: state.gate.allows(key, n))
         except ModelNotFound:
             raise model_not_found(model) from None
         except BaseMismatch as err:
             raise bad_request(str(err), "model", "base_mismatch") from None
+        if target.adapter is not None and not state.notice.seen(target.label):
+            await run_in_threadpool(state.notice.check, target.resolved)
+        return target
 
     @app.get("/health", response_model=None, responses={200: {"model": Health}})
     async def health() -> dict:

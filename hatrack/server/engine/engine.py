@@ -81,6 +81,8 @@ class Engine:
         lora_dtype = lora_dtype_for(self.runner.device, self.runner.dtype, cpu_kernel=kernel is not None)
         self.bank = SlotBank(self.runner.layers, max_loaded, max_rank, lora_dtype, self.runner.device)
         self.rows: RowBank | KernelRows = KernelRows(self.bank, kernel) if kernel else RowBank(self.bank, max_batch)
+        # what the log says runs the per-row LoRA term
+        self.lora_backend = "the compiled CPU kernel" if kernel else "torch ops"
         self.cache = AdapterCache(self.bank, max_host, on_ready=self._kick)
         self._cond = threading.Condition()
         self._inbox: list[_Sequence] = []
