@@ -365,7 +365,7 @@ class Engine:
         if seq.generated >= seq.params.max_tokens or seq.length + 1 >= self.context_length:
             self._finish(seq, "length", token=token)
             return True
-        seq.handle._emit(TokenEvent(token))
+        seq.handle.emit(TokenEvent(token))
         return False
 
     def _remove_rows(self, rows: list[int]) -> None:
@@ -397,4 +397,4 @@ class Engine:
         if seq.slot:
             self.cache.release(seq.slot)
             seq.slot = 0
-        seq.handle._emit(TokenEvent(token, reason, error))
+        seq.handle.emit(TokenEvent(token, reason, error))
