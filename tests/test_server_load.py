@@ -161,7 +161,7 @@ def test_32_clients_over_8_adapters_and_base(loaded_server: ServerProcess):
             break
         time.sleep(0.2)
     assert idle, "requests still running or queued after every client finished"
-    generated = _metric(metrics, "hatrack_engine_generated_tokens")
+    generated = _metric(metrics, "hatrack_engine_generated_tokens_total")
     reference_tokens = len(MODELS) * len(PROMPTS) * MAX_TOKENS  # at most
     dropped_tokens = generated - answered_tokens - reference_tokens
     assert dropped_tokens < counted["dropped"] * CANCEL_MAX_TOKENS / 10, dropped_tokens
