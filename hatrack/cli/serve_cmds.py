@@ -70,8 +70,8 @@ def serve(
         raise typer.BadParameter("expected auto, nf4, int8 or none", param_hint="--quantize")
     config = ServeConfig(
         base=base, quantize=quantize, device=device, max_rank=max_rank or settings.max_rank(),
-        max_loaded=max_loaded, max_host=max_host, max_batch=max_batch, max_waiting=max_waiting, default_max_tokens=max_tokens,
-        max_body_bytes=max_body_bytes, shutdown_timeout=shutdown_timeout, auth=not no_auth,
+        max_loaded=max_loaded, max_host=max_host, max_batch=max_batch, max_waiting=max_waiting,
+        default_max_tokens=max_tokens, max_body_bytes=max_body_bytes, shutdown_timeout=shutdown_timeout, auth=not no_auth,
     )
     _log_to_stderr(log_level)
     app = create_app(config)
