@@ -3,7 +3,6 @@ eos, the chat template's end-of-turn token), not at a fixed list of known tokens
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import httpx
