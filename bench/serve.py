@@ -171,7 +171,7 @@ def main() -> None:
     rows = []
     ratios: dict[int, tuple[float, float]] = {}
     naive = NaiveBaseline(Path(base.path), adapters[:8], args.quantize)
-    server = ServerProcess(home, "--quantize", args.quantize, "--device", "cpu", "--max-loaded", "8",
+    server = ServerProcess(home, "--quantize", args.quantize, "--device", "cpu", "--max-loaded", "8", "--no-auth",
                            "--max-batch", "32").start(timeout=600)
     try:
         drive(server.url, names, 8, 8)  # warm-up: loads all 8 adapters

@@ -295,7 +295,7 @@ def stream_lines(server: ServerProcess, model: str, out: list[tuple[float, str]]
 def serving(hatrack_home: Path, tiny_base_dir: Path):
     reg = tiny_registry(tiny_base_dir, BASE)
     register_random_adapters(reg, BASE, tiny_base_dir, hatrack_home.parent / "src", ["doomed", "kept", "cached", "cold"])
-    server = ServerProcess(hatrack_home, "--base", BASE, "--quantize", "none", "--device", "cpu").start()
+    server = ServerProcess(hatrack_home, "--base", BASE, "--quantize", "none", "--device", "cpu", "--no-auth").start()
     yield server, reg
     server.stop()
 

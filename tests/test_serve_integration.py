@@ -31,7 +31,7 @@ def served_real(tmp_path_factory, default_base_dir: Path):
             base = basemodel.ensure_base(registry)
             register_random_adapters(registry, base.name, Path(base.path), home / "src",
                                      ["acme-support", "globex-support"], scale=0.05)
-            server = ServerProcess(home, "--quantize", "nf4", "--device", "cpu", "--max-loaded", "2").start()
+            server = ServerProcess(home, "--quantize", "nf4", "--device", "cpu", "--max-loaded", "2", "--no-auth").start()
             yield server, base
             assert server.stop() == 0  # SIGTERM: drains and exits cleanly
     finally:

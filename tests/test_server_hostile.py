@@ -88,7 +88,7 @@ def served(tmp_path_factory, tiny_base_dir: Path):
         _plant_damaged(registry, tiny_base_dir, src, outside)
         # a valid adapter folder outside the store, for names that try to reach it
         write_peft_adapter(tiny_base_dir, home.parent / "decoy", seed=9, scale=0.3)
-        server = ServerProcess(home, "--base", BASE, "--quantize", "none", "--device", "cpu",
+        server = ServerProcess(home, "--base", BASE, "--quantize", "none", "--device", "cpu", "--no-auth",
                                "--max-loaded", "2", "--max-tokens", "8").start()
         server.reference = {m: _greedy(server, m) for m in (BASE, *GOOD)}
         yield server

@@ -44,7 +44,7 @@ def loaded_server(tmp_path_factory, tiny_base_dir: Path):
     with hatrack_home_env(home):
         registry = tiny_registry(tiny_base_dir, BASE)
         register_random_adapters(registry, BASE, tiny_base_dir, home / "src", ADAPTERS, first_seed=50)
-        server = ServerProcess(home, "--base", BASE, "--quantize", "none", "--device", "cpu",
+        server = ServerProcess(home, "--base", BASE, "--quantize", "none", "--device", "cpu", "--no-auth",
                                "--max-loaded", "4", "--max-batch", "32").start()
         yield server
         server.stop()
@@ -161,7 +161,7 @@ def test_32_clients_over_8_adapters_and_base(loaded_server: ServerProcess):
             break
         time.sleep(0.2)
     assert idle, "requests still running or queued after every client finished"
-    generated = _metric(metrics, "hatrack_engine_generated_tokens")
+    generated = _metric(metrics, "hatrack_engine_generated_tokens_total")
     reference_tokens = len(MODELS) * len(PROMPTS) * MAX_TOKENS  # at most
     dropped_tokens = generated - answered_tokens - reference_tokens
     assert dropped_tokens < counted["dropped"] * CANCEL_MAX_TOKENS / 10, dropped_tokens

@@ -57,7 +57,7 @@ def served(tmp_path_factory, tiny_base_dir: Path):
     with hatrack_home_env(home):
         registry = tiny_registry(tiny_base_dir, BASE)
         register_random_adapters(registry, BASE, tiny_base_dir, home / "src", ADAPTERS)
-        server = ServerProcess(home, "--base", BASE, "--quantize", "none", "--device", "cpu",
+        server = ServerProcess(home, "--base", BASE, "--quantize", "none", "--device", "cpu", "--no-auth",
                                "--max-loaded", "2", "--max-tokens", "4").start()
         yield server
         server.stop()

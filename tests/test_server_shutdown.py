@@ -21,7 +21,7 @@ def tiny_server(tmp_path: Path, tiny_base_dir: Path):
     home.mkdir()
     with hatrack_home_env(home):
         tiny_registry(tiny_base_dir, BASE)
-        server = ServerProcess(home, "--base", BASE, "--quantize", "none", "--device", "cpu",
+        server = ServerProcess(home, "--base", BASE, "--quantize", "none", "--device", "cpu", "--no-auth",
                                "--shutdown-timeout", "60").start()
         yield server
         server.stop(timeout=5)

@@ -66,7 +66,8 @@ def demo(
     question = question or DEMO_QUESTION
     console.print("[bold]serving[/bold] base + adapters on a loopback port ...")
     answers: dict[str, str] = {}
-    with BackgroundServer(ServeConfig(max_loaded=4)) as server:
+    # loopback only, for this process's own client: no keys needed
+    with BackgroundServer(ServeConfig(max_loaded=4, auth=False)) as server:
         client = OpenAI(base_url=f"{server.url}/v1", api_key="demo")
         for model in models:
             reply = client.chat.completions.create(

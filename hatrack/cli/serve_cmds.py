@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+import logging
+from typing import Iterator, Optional
 
 import typer
 import uvicorn
@@ -27,9 +28,17 @@ def serve(
     base: str = typer.Option(settings.DEFAULT_BASE_NAME, help="Registered base model to load."),
     host: str = typer.Option("127.0.0.1", help="Address to listen on."),
     port: int = typer.Option(8000, help="Port to listen on."),
-    quantize: str = typer.Option("nf4", help="Base weights: nf4 (4-bit), int8 or none."),
+    quantize: str = typer.Option(
+        "auto", help="Base weights: auto, nf4 (4-bit), int8 or none. auto: the device's serving "
+                     "default (none on CPU, nf4 on CUDA).",
+    ),
     device: str = typer.Option(None, help="cpu or cuda (default: cuda when present)."),
     max_loaded: int = typer.Option(8, help="Adapters kept in device slots (LRU beyond)."),
+    max_rank: Optional[int] = typer.Option(
+        None, min=1, show_default=False,
+        help=f"Largest LoRA rank served; adapters above it are refused (default: HATRACK_MAX_RANK, "
+             f"else {settings.DEFAULT_MAX_RANK}).",
+    ),
     max_host: int = typer.Option(64, help="Adapters kept in host memory before going back to disk."),
     max_batch: int = typer.Option(32, help="Sequences decoded together in one step."),
     max_waiting: int = typer.Option(256, help="Queued requests before answering 429."),
@@ -40,6 +49,12 @@ def serve(
     shutdown_timeout: float = typer.Option(
         30.0, help="On SIGTERM: seconds to let in-flight requests finish before exiting."
     ),
+    no_auth: bool = typer.Option(
+        False, "--no-auth",
+        help="Serve everyone without a key. Without it every /v1 call and /metrics need "
+             "'Authorization: Bearer KEY' (from `hatrack keys create`), even while no key exists; "
+             "keys created or revoked while serving take effect within 1 second.",
+    ),
     log_level: str = typer.Option("info", help="uvicorn log level."),
 ) -> None:
     """Serve the base and every registered adapter behind an OpenAI-compatible API.
@@ -48,19 +63,32 @@ def serve(
     `acme-support@prod`) or the bare base by its name. Adapters registered while the
     server runs are servable on their next request.
     """
+    from hatrack.precision import QUANTIZE_CHOICES
     from hatrack.server.app import ServeConfig, create_app
 
-    if quantize not in ("nf4", "int8", "none"):
-        raise typer.BadParameter("expected nf4, int8 or none", param_hint="--quantize")
+    if quantize not in ("auto", *QUANTIZE_CHOICES):
+        raise typer.BadParameter("expected auto, nf4, int8 or none", param_hint="--quantize")
     config = ServeConfig(
-        base=base, quantize=quantize, device=device, max_loaded=max_loaded, max_host=max_host,
-        max_batch=max_batch, max_waiting=max_waiting, default_max_tokens=max_tokens,
-        max_body_bytes=max_body_bytes, shutdown_timeout=shutdown_timeout,
+        base=base, quantize=quantize, device=device, max_rank=max_rank or settings.max_rank(),
+        max_loaded=max_loaded, max_host=max_host, max_batch=max_batch, max_waiting=max_waiting,
+        default_max_tokens=max_tokens, max_body_bytes=max_body_bytes, shutdown_timeout=shutdown_timeout, auth=not no_auth,
     )
+    _log_to_stderr(log_level)
     app = create_app(config)
     server = DrainingServer(uvicorn.Config(app, host=host, port=port, log_level=log_level,
                                            timeout_graceful_shutdown=int(shutdown_timeout)))
     server.run()
+
+
+def _log_to_stderr(level: str) -> None:
+    """hatrack's own log lines (ready, warnings) beside uvicorn's, at the same level."""
+    logger = logging.getLogger("hatrack")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s:     %(name)s: %(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(level.upper() if level.upper() in logging.getLevelNamesMapping() else logging.INFO)
+    logger.propagate = False
 
 
 def install(app: typer.Typer) -> None:

@@ -1,101 +1,26 @@
-"""The FastAPI app of `hatrack serve`: routes, start-up and shutdown.
+"""The FastAPI app of `hatrack serve`: start-up, shutdown and what every route shares.
 
 The base model loads on a background thread so /health answers at once and /ready
-says when the model is there; /v1 calls get 503 until then.
+says when the model is there; /v1 calls get 503 until then. The routes live in
+routes.py, the configuration and shared state in state.py.
 """
 
 from __future__ import annotations
 
-import logging
 import threading
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
-from typing import Any
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse, Response
-from fastapi.security import HTTPBearer
 
-from hatrack import settings
 from hatrack.registry import Registry
-from hatrack.server.auth import KeyGate, Unauthorized
-from hatrack.server.catalog import BaseMismatch, Catalog, ModelNotFound, Target
-from hatrack.server.completions import Job, Runner, sampling_params
-from hatrack.server.errors import APIError, bad_request, install_error_handlers, model_not_found, strip_paths
-from hatrack.server.limits import DEFAULT_MAX_BODY_BYTES, BodyLimit, JSONBodyRoute
-from hatrack.server.metrics import ServerMetrics
-from hatrack.server.openapi import (
-    ChatCompletion, ChatCompletionChunk, Health, ModelCard, ModelList, Ready, TextCompletion,
-    TextCompletionChunk, completion_ok, errors, install_openapi,
-)
-from hatrack.server.schemas import ChatCompletionRequest, CompletionRequest, error_body
+from hatrack.server.errors import install_error_handlers
+from hatrack.server.limits import BodyLimit, JSONBodyRoute
+from hatrack.server.openapi import install_openapi
+from hatrack.server.routes import install_routes
+from hatrack.server.state import ServeConfig, ServerState, warn_if_keyed_without_keys
 
-log = logging.getLogger("hatrack.server")
-
-
-@dataclass
-class ServeConfig:
-    base: str = settings.DEFAULT_BASE_NAME
-    quantize: str = "nf4"  # nf4 | int8 | none
-    device: str | None = None  # default: cuda if available, else cpu
-    max_loaded: int = 8  # adapters in device slots
-    max_host: int = 64  # adapters kept in host memory
-    max_batch: int = 32
-    max_waiting: int = 256
-    max_context: int | None = None
-    default_max_tokens: int = 256
-    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES  # larger request bodies get 413
-    shutdown_timeout: float = 30.0
-    engine_options: dict[str, Any] = field(default_factory=dict)
-
-
-class ServerState:
-    def __init__(self, config: ServeConfig, registry: Registry) -> None:
-        self.config = config
-        self.registry = registry
-        self.metrics = ServerMetrics()
-        self.gate = KeyGate(registry)
-        self.engine = None
-        self.tokenizer = None
-        self.catalog: Catalog | None = None
-        self.stop_ids: tuple[int, ...] = ()
-        self.load_error: str | None = None
-        self.ready = threading.Event()
-
-    def load(self) -> None:
-        """Load the base and start the engine (runs on a background thread)."""
-        try:
-            from hatrack import basemodel
-            from hatrack.server.engine import Engine
-
-            record = basemodel.ensure_base(self.registry, self.config.base)
-            model, tokenizer = basemodel.load_base(
-                record.path, quantize=self.config.quantize, device=self.config.device
-            )
-            engine = Engine(
-                model, tokenizer, max_loaded=self.config.max_loaded, max_host=self.config.max_host,
-                max_batch=self.config.max_batch, max_context=self.config.max_context,
-                max_waiting=self.config.max_waiting, **self.config.engine_options,
-            )
-            engine.start()
-            self.stop_ids = _stop_token_ids(tokenizer)
-            self.catalog = Catalog(self.registry, record.name, record.fingerprint)
-            self.tokenizer, self.engine = tokenizer, engine
-            self.ready.set()
-            log.info("ready: base %s (%s)", record.name, self.config.quantize)
-        except Exception as err:  # reported by /ready and every /v1 call
-            self.load_error = str(err).splitlines()[0] if str(err) else type(err).__name__
-            log.error("base model failed to load: %s", self.load_error)
-
-
-def _stop_token_ids(tokenizer) -> tuple[int, ...]:
-    ids = {tokenizer.eos_token_id}
-    for token in ("<|im_end|>", "<|eot_id|>", "<|end|>"):
-        tid = tokenizer.convert_tokens_to_ids(token)
-        if isinstance(tid, int) and tid != tokenizer.unk_token_id:
-            ids.add(tid)
-    return tuple(sorted(i for i in ids if i is not None))
+__all__ = ["ServeConfig", "ServerState", "create_app"]
 
 
 def create_app(config: ServeConfig | None = None, registry: Registry | None = None) -> FastAPI:
@@ -104,6 +29,7 @@ def create_app(config: ServeConfig | None = None, registry: Registry | None = No
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
+        warn_if_keyed_without_keys(state)
         threading.Thread(target=state.load, name="hatrack-load", daemon=True).start()
         yield
         if state.engine is not None:
@@ -116,111 +42,5 @@ def create_app(config: ServeConfig | None = None, registry: Registry | None = No
     app.state.hatrack = state
     install_error_handlers(app)
     install_openapi(app)
-    # documents the bearer key in /openapi.json; the check itself is KeyGate's
-    bearer = Depends(HTTPBearer(auto_error=False, description="Needed once `hatrack keys create` made a key"))
-
-    def require_ready() -> None:
-        if not state.ready.is_set():
-            why = f"the base model failed to load: {state.load_error}" if state.load_error else \
-                "the base model is still loading"
-            raise APIError(503, why, "server_error", "not_ready")
-
-    def caller(request: Request):
-        try:
-            return state.gate.caller(request.headers.get("authorization"))
-        except Unauthorized as err:
-            raise APIError(401, str(err), "invalid_request_error", "invalid_api_key") from None
-
-    async def target_for(model: str, request: Request) -> Target:
-        """The caller's key (401), a loaded base (503), then the name (404 / 400), in that order."""
-        key = caller(request)
-        require_ready()
-        try:
-            return await run_in_threadpool(state.catalog.lookup, model, lambda n: state.gate.allows(key, n))
-        except ModelNotFound:
-            raise model_not_found(model) from None
-        except BaseMismatch as err:
-            raise bad_request(str(err), "model", "base_mismatch") from None
-
-    @app.get("/health", response_model=None, responses={200: {"model": Health}})
-    async def health() -> dict:
-        return {"status": "ok"}
-
-    @app.get("/ready", response_model=None, responses={200: {"model": Ready}, **errors(503)})
-    async def ready() -> JSONResponse:
-        if state.ready.is_set():
-            return JSONResponse({"status": "ready", "base": state.catalog.base_name})
-        body = error_body(state.load_error or "the base model is still loading", "server_error", "not_ready")
-        return JSONResponse(body, status_code=503)
-
-    @app.get("/metrics", response_class=Response,
-             responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},
-                              "description": "Prometheus text format"}})
-    async def metrics() -> Response:
-        if state.engine is not None:
-            state.metrics.refresh_from(state.engine.stats())
-        return Response(state.metrics.render(), media_type="text/plain; version=0.0.4")
-
-    @app.get("/v1/models", response_model=None, dependencies=[bearer],
-             responses={200: {"model": ModelList}, **errors(401, 503)})
-    async def list_models(request: Request) -> dict:
-        key = caller(request)
-        require_ready()
-        data = await run_in_threadpool(state.catalog.listing, lambda n: state.gate.allows(key, n))
-        return {"object": "list", "data": data}
-
-    @app.get("/v1/models/{model:path}", response_model=None, dependencies=[bearer],
-             responses={200: {"model": ModelCard}, **errors(400, 401, 404, 503)})
-    async def get_model(model: str, request: Request) -> dict:
-        target = await target_for(model, request)
-        item = {"id": model, "object": "model", "created": 0, "owned_by": "hatrack"}
-        if target.adapter is not None:
-            item["parent"] = state.catalog.base_name
-        return item
-
-    completion_errors = errors(400, 401, 404, 413, 422, 429, 503)
-
-    @app.post("/v1/chat/completions", response_model=None, dependencies=[bearer],
-              responses={**completion_ok(ChatCompletion, ChatCompletionChunk), **completion_errors})
-    async def chat(body: ChatCompletionRequest, request: Request):
-        target = await target_for(body.model, request)
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                    for m in body.messages]
-        prompt_ids = await run_in_threadpool(_chat_prompt_ids, state.tokenizer, messages)
-        return await _run(body, request, target, prompt_ids, "chat")
-
-    @app.post("/v1/completions", response_model=None, dependencies=[bearer],
-              responses={**completion_ok(TextCompletion, TextCompletionChunk), **completion_errors})
-    async def completions(body: CompletionRequest, request: Request):
-        target = await target_for(body.model, request)
-        # a prompt of megabytes takes a while to tokenize: not on the event loop
-        prompt_ids = await run_in_threadpool(_text_prompt_ids, state.tokenizer, body.prompt)
-        if not prompt_ids:
-            raise bad_request("the prompt is empty", "prompt")
-        return await _run(body, request, target, prompt_ids, "text")
-
-    async def _run(body, request: Request, target: Target, prompt_ids: list[int], kind: str):
-        params = sampling_params(body, len(prompt_ids), state.engine.context_length,
-                                 config.default_max_tokens, state.stop_ids,
-                                 "messages" if kind == "chat" else "prompt")
-        job = Job(kind=kind, target=target, prompt_ids=prompt_ids, params=params, stops=body.stop,
-                  stream=bool(body.stream), include_usage=body.include_usage)
-        runner = Runner(state.engine, state.tokenizer, state.metrics,
-                        "chat" if kind == "chat" else "completions")
-        return await runner.respond(job, request)
-
+    install_routes(app)
     return app
-
-
-def _chat_prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
-    try:
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    except Exception as err:  # template errors (e.g. roles the template forbids)
-        reason = strip_paths(str(err).splitlines()[0] if str(err) else type(err).__name__)
-        raise bad_request(f"messages cannot be rendered with this model's chat template: {reason}",
-                          "messages") from None
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
-def _text_prompt_ids(tokenizer, prompt: str) -> list[int]:
-    return tokenizer(prompt, add_special_tokens=False)["input_ids"]

@@ -83,6 +83,13 @@ class Catalog:
             )
         return items
 
+    def live_labels(self) -> set[str]:
+        """The base name and every `name@version` of this base still in the registry."""
+        labels = {self.base_name}
+        for row in self.registry.list_versions(base=self.base_name):
+            labels.add(f"{row['name']}@{row['version']}")
+        return labels
+
     def _base(self) -> ResolvedModel:
         return ResolvedModel(
             kind="base", name=self.base_name, version=None, base_name=self.base_name,

@@ -21,11 +21,24 @@ from hatrack.server.schemas import new_id, now, usage
 from hatrack.server.textstream import TextStream
 
 
+@dataclass(frozen=True)
+class Kind:
+    """What differs between the two completion routes, named in one place."""
+
+    name: str  # "chat" or "text": the shape of the answer
+    prompt_param: str  # the request field holding the prompt, as errors name it
+    endpoint: str  # the `endpoint` label of hatrack_requests_total
+
+
+CHAT = Kind("chat", "messages", "chat")
+TEXT = Kind("text", "prompt", "completions")
+
+
 @dataclass
 class Job:
     """What the engine needs, plus how to shape the answer."""
 
-    kind: str  # "chat" or "text"
+    kind: Kind
     target: Target
     prompt_ids: list[int]
     params: SamplingParams
@@ -35,15 +48,18 @@ class Job:
 
     @property
     def prompt_param(self) -> str:
-        return "messages" if self.kind == "chat" else "prompt"
+        return self.kind.prompt_param
+
+    @property
+    def chat(self) -> bool:
+        return self.kind.name == "chat"
 
 
 def response_headers(target: Target) -> dict[str, str]:
-    """Every answer says which version answered it, so a client or router can audit it."""
-    headers = {"X-Hatrack-Model": target.label}
-    if target.resolved.sha256:
-        headers["X-Hatrack-Artifact-Sha256"] = target.resolved.sha256
-    return headers
+    """Every answer says which version answered it, so a client or router can audit it:
+    an adapter's artifact sha256, or for the base its fingerprint."""
+    digest = target.resolved.sha256 if target.adapter is not None else target.resolved.base_fingerprint
+    return {"X-Hatrack-Model": target.label, "X-Hatrack-Artifact-Sha256": digest}
 
 
 def sampling_params(body, prompt_len: int, context: int, default_max: int,
@@ -73,11 +89,10 @@ def sampling_params(body, prompt_len: int, context: int, default_max: int,
 class Runner:
     """Runs jobs on the engine and records metrics."""
 
-    def __init__(self, engine, tokenizer, metrics, endpoint_label: str) -> None:
+    def __init__(self, engine, tokenizer, metrics) -> None:
         self.engine = engine
         self.tokenizer = tokenizer
         self.metrics = metrics
-        self.endpoint = endpoint_label
 
     def submit(self, job: Job):
         try:
@@ -147,13 +162,13 @@ class Runner:
         return stream.full_text(), _openai_finish(finish), count
 
     async def _stream(self, job: Job, handle, first, events, started) -> AsyncIterator[bytes]:
-        rid = new_id("chatcmpl" if job.kind == "chat" else "cmpl")
+        rid = new_id("chatcmpl" if job.chat else "cmpl")
         created = now()
         stream = TextStream(self.tokenizer, job.stops)
         count = 0
         finish = "length"
         try:
-            if job.kind == "chat":
+            if job.chat:
                 yield _sse(self._chunk(job, rid, created, {"role": "assistant", "content": ""}, None))
             event = first
             while event is not None:
@@ -176,7 +191,7 @@ class Runner:
             tail = stream.finish()
             if tail:
                 yield _sse(self._chunk(job, rid, created, tail, None))
-            yield _sse(self._chunk(job, rid, created, "" if job.kind == "text" else {}, _openai_finish(finish)))
+            yield _sse(self._chunk(job, rid, created, "" if not job.chat else {}, _openai_finish(finish)))
             if job.include_usage:
                 body = self._chunk_base(job, rid, created)
                 body["choices"] = []
@@ -189,12 +204,12 @@ class Runner:
             handle.cancel()
 
     def _chunk_base(self, job: Job, rid: str, created: int) -> dict:
-        kind = "chat.completion.chunk" if job.kind == "chat" else "text_completion"
+        kind = "chat.completion.chunk" if job.chat else "text_completion"
         return {"id": rid, "object": kind, "created": created, "model": job.target.label}
 
     def _chunk(self, job: Job, rid: str, created: int, delta, finish: str | None) -> dict:
         body = self._chunk_base(job, rid, created)
-        if job.kind == "chat":
+        if job.chat:
             if isinstance(delta, str):
                 delta = {"content": delta}
             body["choices"] = [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]
@@ -203,7 +218,7 @@ class Runner:
         return body
 
     def _final_body(self, job: Job, text: str, finish: str, prompt_tokens: int, count: int) -> dict:
-        if job.kind == "chat":
+        if job.chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": text},
                       "logprobs": None, "finish_reason": finish}
             obj, rid = "chat.completion", new_id("chatcmpl")
@@ -220,7 +235,7 @@ class Runner:
         self._count(job, status)
 
     def _count(self, job: Job, status: int) -> None:
-        self.metrics.requests.labels(endpoint=self.endpoint, model=job.target.label, status=str(status)).inc()
+        self.metrics.requests.labels(endpoint=job.kind.endpoint, model=job.target.label, status=str(status)).inc()
 
 
 async def _next(events):

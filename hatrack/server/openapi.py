@@ -133,7 +133,7 @@ def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """`responses=` entries for the error statuses a route can answer."""
     why = {
         400: "Bad parameters, a malformed body, or a prompt beyond the context",
-        401: "Missing or wrong API key (only when keys are defined)",
+        401: "Missing, wrong or revoked API key (unless the server runs with --no-auth)",
         404: "Unknown model, or one this key may not use (the same answer for both)",
         413: "The request body is larger than the server's limit",
         422: "The model names an adapter whose stored artifact cannot be loaded",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from hatrack.chat_format import end_of_turn_ids  # noqa: F401  (trainer modules import it from here)
 from hatrack.errors import HatrackError
 from hatrack.trainer.data import Example
 
@@ -31,19 +32,6 @@ class Encoded:
     @property
     def trained(self) -> int:
         return sum(1 for x in self.labels if x != IGNORE)
-
-
-def end_of_turn_ids(tokenizer, generation_config=None) -> set[int]:
-    """Token ids that end an answer: the tokenizer's eos plus the model's generation eos ids."""
-    ids: set[int] = set()
-    if tokenizer.eos_token_id is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    eos = getattr(generation_config, "eos_token_id", None) if generation_config is not None else None
-    if isinstance(eos, int):
-        ids.add(eos)
-    elif isinstance(eos, (list, tuple)):
-        ids.update(int(x) for x in eos)
-    return ids
 
 
 def render_prompt(tokenizer, messages: list[dict[str, str]]) -> str:

@@ -30,7 +30,7 @@ from hatrack.server.engine.handle import RequestHandle
 from hatrack.server.engine.model import LlamaRunner
 from hatrack.server.engine.sampling import make_generator, pick_tokens
 from hatrack.server.engine import cpu_kernel as cpu_kernel_module
-from hatrack.server.engine.slots import KernelRows, RowBank, SlotBank, lora_dtype_for
+from hatrack.server.engine.slots import KernelRows, LoraRows, RowBank, SlotBank, lora_dtype_for
 from hatrack.server.engine.types import AdapterSpec, EngineStats, SamplingParams, TokenEvent
 
 log = logging.getLogger("hatrack.engine")
@@ -83,7 +83,9 @@ class Engine:
         kernel = cpu_kernel_module.load() if cpu_kernel and self.runner.device.type == "cpu" else None
         lora_dtype = lora_dtype_for(self.runner.device, self.runner.dtype, cpu_kernel=kernel is not None)
         self.bank = SlotBank(self.runner.layers, max_loaded, max_rank, lora_dtype, self.runner.device)
-        self.rows: RowBank | KernelRows = KernelRows(self.bank, kernel) if kernel else RowBank(self.bank, max_batch)
+        self.rows: LoraRows = KernelRows(self.bank, kernel) if kernel else RowBank(self.bank, max_batch)
+        # what the log says runs the per-row LoRA term
+        self.lora_backend = "the compiled CPU kernel" if kernel else "torch ops"
         self.cache = AdapterCache(self.bank, max_host, on_ready=self._kick)
         self._cond = threading.Condition()
         self._inbox: list[_Sequence] = []
@@ -366,7 +368,7 @@ class Engine:
         if seq.generated >= seq.params.max_tokens or seq.length + 1 >= self.context_length:
             self._finish(seq, "length", token=token)
             return True
-        seq.handle._emit(TokenEvent(token))
+        seq.handle.emit(TokenEvent(token))
         return False
 
     def _remove_rows(self, rows: list[int]) -> None:
@@ -398,4 +400,4 @@ class Engine:
         if seq.slot:
             self.cache.release(seq.slot)
             seq.slot = 0
-        seq.handle._emit(TokenEvent(token, reason, error))
+        seq.handle.emit(TokenEvent(token, reason, error))

@@ -80,7 +80,9 @@ class RequestHandle:
 
     # ------------------------------------------------------------ engine side
 
-    def _emit(self, event: TokenEvent) -> None:
+    def emit(self, event: TokenEvent) -> None:
+        """Deliver an event to every reader (called by the engine's scheduler thread);
+        nothing after the final event."""
         with self._lock:
             if self._finish is not None:
                 return

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from hatrack.server.engine.errors import EngineError
-from hatrack.server.engine.slots import KernelRows, RowBank, SlotBank
+from hatrack.server.engine.slots import LoraRows, SlotBank
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
 _MIN_CAPACITY = 256
@@ -143,7 +143,7 @@ class LlamaRunner:
             x = self._out_and_mlp(layer, i, x, o, lora)
         return self.lm_head(self.norm(x[-1:]))[0]
 
-    def decode(self, tokens: list[int], positions: list[int], rows: RowBank | KernelRows, slots: list[int]) -> torch.Tensor:
+    def decode(self, tokens: list[int], positions: list[int], rows: LoraRows, slots: list[int]) -> torch.Tensor:
         """One new token for each of the rows 0..N-1; tokens[r] goes to position
         positions[r] of row r. Returns logits [N, vocab]."""
         n = len(tokens)

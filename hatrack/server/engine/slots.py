@@ -24,6 +24,7 @@ in fp32 than in bf16, and the term is added to the base output in the model's dt
 from __future__ import annotations
 
 import re
+from typing import Protocol
 
 import torch
 
@@ -147,6 +148,19 @@ class SlotBank:
         xa = x.to(self.dtype) @ self.A[group][layer, slot]  # [rows, n_modules * r]
         for j, (suffix, y) in enumerate(zip(SUFFIXES[group], outs)):
             y.add_(xa[:, j * r : (j + 1) * r] @ self.B[suffix][layer, slot])
+
+
+class LoraRows(Protocol):
+    """The per-row LoRA term of a decode step: what the model runner needs of RowBank
+    (torch ops over per-row copies) and KernelRows (the CPU kernel, in place)."""
+
+    def prepare(self, row_slots: list[int]) -> bool:
+        """Rows 0..N-1 take their slots' adapters; False if no row uses an adapter."""
+        ...
+
+    def apply(self, n: int, layer: int, group: str, x: torch.Tensor, outs: tuple[torch.Tensor, ...]) -> None:
+        """outs[j] += each row's own LoRA term for module j of `group`; x is [n, in]."""
+        ...
 
 
 class RowBank:

@@ -1,0 +1,104 @@
+"""What one `hatrack serve` process holds: its configuration, and the state the routes
+share (key gate, catalog, engine, metrics), filled in by the base's background load."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+from hatrack import settings
+from hatrack.chat_format import end_of_turn_ids, load_generation_config
+from hatrack.precision import default_serving_quantize, precision_label
+from hatrack.registry import Registry
+from hatrack.server.auth import KeyGate
+from hatrack.server.catalog import Catalog
+from hatrack.server.limits import DEFAULT_MAX_BODY_BYTES
+from hatrack.server.metrics import ServerMetrics
+from hatrack.server.precision_notice import PrecisionNotice
+
+log = logging.getLogger("hatrack.server")
+
+
+@dataclass
+class ServeConfig:
+    base: str = settings.DEFAULT_BASE_NAME
+    quantize: str = "auto"  # auto | nf4 | int8 | none; auto: the device's serving default, resolved at load
+    device: str | None = None  # default: cuda if available, else cpu
+    max_rank: int | None = None  # largest LoRA rank served; None: settings.max_rank()
+    max_loaded: int = 8  # adapters in device slots
+    max_host: int = 64  # adapters kept in host memory
+    max_batch: int = 32
+    max_waiting: int = 256
+    max_context: int | None = None
+    default_max_tokens: int = 256
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES  # larger request bodies get 413
+    auth: bool = True  # False: open to anyone, no key (`--no-auth`); chosen here, never inferred
+    shutdown_timeout: float = 30.0
+    engine_options: dict[str, Any] = field(default_factory=dict)
+
+
+class ServerState:
+    def __init__(self, config: ServeConfig, registry: Registry) -> None:
+        self.config = config
+        self.registry = registry
+        self.metrics = ServerMetrics()
+        self.gate = KeyGate(registry, open_access=not config.auth)
+        self.engine = None
+        self.tokenizer = None
+        self.catalog: Catalog | None = None
+        self.notice: PrecisionNotice | None = None
+        self.stop_ids: tuple[int, ...] = ()
+        self.load_error: str | None = None
+        self.ready = threading.Event()
+
+    def load(self) -> None:
+        """Load the base and start the engine (runs on a background thread)."""
+        try:
+            from hatrack import basemodel
+            from hatrack.server.engine import Engine
+
+            record = basemodel.ensure_base(self.registry, self.config.base)
+            device = self.config.device or basemodel.best_device()
+            quantize = resolve_quantize(self.config.quantize, device)
+            max_rank = self.config.max_rank or settings.max_rank()
+            model, tokenizer = basemodel.load_base(record.path, quantize=quantize, device=device)
+            engine = Engine(
+                model, tokenizer, max_loaded=self.config.max_loaded, max_host=self.config.max_host,
+                max_batch=self.config.max_batch, max_context=self.config.max_context,
+                max_waiting=self.config.max_waiting, max_rank=max_rank, **self.config.engine_options,
+            )
+            engine.start()
+            # the base's own end tokens: tokenizer eos, generation config eos, the template's end of turn
+            self.stop_ids = tuple(sorted(end_of_turn_ids(tokenizer, load_generation_config(record.path))))
+            precision = precision_label(quantize, model.dtype)
+            self.notice = PrecisionNotice(self.registry, precision)
+            self.catalog = Catalog(self.registry, record.name, record.fingerprint)
+            self.tokenizer, self.engine = tokenizer, engine
+            self.ready.set()
+            log.info("ready: base %s (fingerprint %s), device %s, precision %s, max rank %d, auth %s, "
+                     "LoRA decode on %s", record.name, record.fingerprint[:12], engine.device, precision,
+                     max_rank, "keys" if self.config.auth else "open (--no-auth)", engine.lora_backend)
+        except Exception as err:  # reported by /ready and every /v1 call
+            self.load_error = str(err).splitlines()[0] if str(err) else type(err).__name__
+            log.error("base model failed to load: %s", self.load_error)
+
+
+def resolve_quantize(quantize: str, device: str) -> str:
+    """`auto` is the serving default of the device the base runs on."""
+    return default_serving_quantize(device) if quantize == "auto" else quantize
+
+
+def warn_if_keyed_without_keys(state: ServerState) -> None:
+    """At start: a keyed server with no keys refuses everyone; say so and how to fix it."""
+    if not state.config.auth:
+        return
+    try:
+        has_keys = state.registry.has_keys()
+    except Exception:  # the registry's own errors surface on the first request
+        return
+    if not has_keys:
+        log.warning("no API keys exist yet: every /v1 call is refused (401) until one is created with "
+                    "`hatrack keys create --tenant T --allow PATTERN`, or restart with --no-auth to serve "
+                    "without keys")
