@@ -81,6 +81,7 @@ def test_errors_are_one_line_and_keys_round_trip(cli, tiny_base_dir: Path, tmp_p
         (("show", "nobody@3"), "'nobody' has no version 3"),
         (("alias", "acme", "123", "1"), "never all digits"),
         (("prune", "--older-than", "soon"), "invalid age 'soon'"),
+        (("list", "--sort", "nonsense"), "unknown sort key 'nonsense': use one of base, created, name, size, version"),
     ]:
         proc = cli(*args, ok=False)
         assert proc.returncode == 1 and proc.stdout == ""
