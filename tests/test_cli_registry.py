@@ -49,7 +49,12 @@ def test_registry_walkthrough(cli, tiny_base_dir: Path, tmp_path: Path):
     assert info["tags"] == {"customer": "acme", "round": "2"} and info["base"] == "tiny"
     assert len(info["sha256"]) == 64 and info["size"] > 0 and info["lib_versions"] is None
 
-    assert "acme-support@prod -> acme-support@1" in cli("alias", "acme-support", "prod", "1").stdout
+    refused = cli("alias", "acme-support", "prod", "1", ok=False)  # registered unscored: nothing vouches for it
+    assert refused.returncode == 1 and refused.stderr == (
+        "error: refusing to promote acme-support@1 to prod: it has no held-out eval_loss to compare; "
+        "score it with `hatrack eval acme-support@1 --data FILE`, or use --force to promote anyway\n")
+    forced = cli("alias", "acme-support", "prod", "1", "--force").stdout
+    assert forced == "acme-support@prod -> acme-support@1 (forced)\n"
     cli("tag", "acme-support@2", "stage=rc")
     cli("untag", "acme-support@2", "round")
     shown = cli("show", "acme-support").stdout  # NAME alone: the version prod points at

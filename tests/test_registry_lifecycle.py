@@ -53,7 +53,10 @@ def test_prod_alias_gate_and_history(reg: Registry, tmp_path: Path):
 
     reg.set_alias("acme", "prod", 3, force=True)
     assert reg.resolve("acme").version == 3
-    reg.set_alias("acme", "prod", 4)  # nothing to compare: passes
+    with pytest.raises(GateError, match=r"acme@4 to prod: it has no held-out eval_loss to compare; "
+                                        r"score it with `hatrack eval acme@4 --data FILE`, or use --force"):
+        reg.set_alias("acme", "prod", 4)
+    reg.set_alias("acme", "prod", 4, force=True)
     reg.set_alias("acme", "staging", 2)  # only prod is gated
     assert reg.resolve("acme@staging").version == 2
     with pytest.raises(InvalidNameError, match="never all digits"):
@@ -66,7 +69,20 @@ def test_prod_alias_gate_and_history(reg: Registry, tmp_path: Path):
         reg.delete_alias("acme", "prod")
 
     moves = [(h["from_version"], h["to_version"], h["forced"]) for h in reg.alias_history("acme", "prod")]
-    assert moves == [(None, 1, False), (1, 3, True), (3, 4, False), (4, None, False)]
+    assert moves == [(None, 1, False), (1, 3, True), (3, 4, True), (4, None, False)]
+
+    # scored by `hatrack eval` (no held-out rows): judged against the base on those rows,
+    # and against prod only where prod was scored on the same data
+    add(reg, tmp_path, "acme", 5)  # v5
+    reg.add_scores("acme", 5, [ScoreIn("eval_loss", 3.2, 3.0, "ee" * 32, split="eval:extra.jsonl")])
+    with pytest.raises(GateError, match=r"3\.2 is worse than the base model's 3 "):
+        reg.set_alias("acme", "prod", 5)
+    reg.add_scores("acme", 5, [ScoreIn("eval_loss", 2.8, 3.0, "ee" * 32, split="eval:extra.jsonl")])
+    reg.set_alias("acme", "prod", 5)
+    add(reg, tmp_path, "acme", 6)  # v6: scored on the same data as prod, and worse
+    reg.add_scores("acme", 6, [ScoreIn("eval_loss", 2.9, 3.0, "ee" * 32, split="eval:extra.jsonl")])
+    with pytest.raises(GateError, match=r"2\.9 is worse than acme@5 \(current prod\) at 2\.8 "):
+        reg.set_alias("acme", "prod", 6)
 
 
 def test_list_filters_sort_scores_and_show(reg: Registry, tmp_path: Path):

@@ -248,7 +248,7 @@ def alias(
     name: str = typer.Argument(..., metavar="NAME", help="Adapter name."),
     alias_name: str = typer.Argument(..., metavar="ALIAS", help="Alias, e.g. prod or staging (never all digits)."),
     version: Optional[int] = typer.Argument(None, metavar="VERSION", help="Version the alias should point at."),
-    force: bool = typer.Option(False, "--force", help="Promote to prod even if its eval_loss is worse."),
+    force: bool = typer.Option(False, "--force", help="Promote to prod even if its eval_loss is worse, or it has none."),
     delete: bool = typer.Option(False, "--delete", help="Remove the alias."),
 ) -> None:
     """Point ALIAS of NAME at VERSION (prod is gated on eval_loss), or --delete it."""
