@@ -103,3 +103,29 @@ def test_errors_are_one_line_and_keys_round_trip(cli, tiny_base_dir: Path, tmp_p
     cli("keys", "revoke", created["id"])
     assert json.loads(cli("keys", "list", "--json").stdout)[0]["revoked"] is not None
     assert "--keep-best" in cli("prune", "--help").stdout
+
+
+def test_prune_keeps_the_parents_of_versions_that_stay(cli, tiny_base_dir: Path, tmp_path: Path):
+    from conftest import hand_adapter, tiny_registry
+
+    reg = tiny_registry(tiny_base_dir)
+    q = "base_model.model.model.layers.1.self_attn.v_proj"  # (out=32, in=64) in the tiny base
+    for version, parent in ((1, None), (2, 1), (3, 2), (4, None), (5, None)):  # 3 continues 2, which continues 1
+        folder = hand_adapter(tmp_path / f"r{version}", {f"{q}.lora_A.weight": [version, 64],
+                                                         f"{q}.lora_B.weight": [32, version]})
+        reg.register(folder, name="acme", base="tiny", parent_version=parent)
+    reg.set_alias("acme", "staging", 3)
+
+    plan = cli("prune", "--name", "acme", "--keep-last", "1").stdout
+    assert plan == (
+        "keep   acme@1  (parent of acme@2)\n"
+        "keep   acme@2  (parent of acme@3)\n"
+        "keep   acme@3  (alias staging)\n"
+        "remove acme@4  1.8 KB  not among the 1 newest\n"
+        "would free 1.8 KB (1 store folders); run again with --yes to delete\n"
+    )
+    done = json.loads(cli("prune", "--name", "acme", "--keep-last", "1", "--yes", "--json").stdout)
+    assert done["result"]["removed"] == ["acme@4"]
+    assert [(k["label"], k["why"]) for k in done["plan"]["kept"]] == [
+        ("acme@1", "parent of acme@2"), ("acme@2", "parent of acme@3"), ("acme@3", "alias staging")]
+    assert [r["version"] for r in json.loads(cli("list", "--json").stdout)] == [1, 2, 3, 5]

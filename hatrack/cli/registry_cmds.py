@@ -281,7 +281,8 @@ def prune(
     yes: bool = typer.Option(False, "--yes", help="Delete. Without it, only the plan is printed."),
     as_json: bool = JSON_OPT,
 ) -> None:
-    """Remove old or worse versions. Prints the plan; deletes only with --yes. Aliased versions are kept."""
+    """Remove old or worse versions. Prints the plan; deletes only with --yes. Aliased versions,
+    and the parents of versions that stay, are kept."""
     reg = _registry()
     plan = reg.plan_prune(name=name, tags=_tags(tag), keep_last=keep_last, keep_best=keep_best, by=by,
                           older_than=older_than, trained_on=trained_on)
@@ -290,7 +291,7 @@ def prune(
         _dump({"plan": plan.to_dict(), "deleted": yes, "result": result.to_dict() if result else None})
         return
     for kept in plan.kept:
-        print(f"keep   {kept['label']}  (alias {', '.join(kept['aliases'])})")
+        print(f"keep   {kept['label']}  ({kept['why']})")
     for item in plan.remove:
         print(f"remove {item.label}  {human_size(item.size)}  {'; '.join(item.reasons)}")
     if not plan.remove:
