@@ -129,3 +129,45 @@ def test_prune_keeps_the_parents_of_versions_that_stay(cli, tiny_base_dir: Path,
     assert [(k["label"], k["why"]) for k in done["plan"]["kept"]] == [
         ("acme@1", "parent of acme@2"), ("acme@2", "parent of acme@3"), ("acme@3", "alias staging")]
     assert [r["version"] for r in json.loads(cli("list", "--json").stdout)] == [1, 2, 3, 5]
+
+
+def test_list_table_fits_80_columns_when_piped(hatrack_home: Path, tiny_base_dir: Path, tmp_path: Path):
+    from conftest import hand_adapter, tiny_registry
+
+    from hatrack.registry import ScoreIn
+
+    reg = tiny_registry(tiny_base_dir)
+    q = "base_model.model.model.layers.1.self_attn.v_proj"
+    tags = [{"customer": "acme-corporation-international", "dataset": "support-tickets-2026-q3-cleaned"},
+            {"customer": "acme", "note": "retrained after the october incident with fresh rows"}, {}]
+    for i, (name, t) in enumerate([("acme-support-assistant", tags[0]), ("acme-support-assistant", tags[1]),
+                                   ("globex", tags[2])], 1):
+        folder = hand_adapter(tmp_path / f"r{i}", {f"{q}.lora_A.weight": [i, 64], f"{q}.lora_B.weight": [32, i]})
+        scores = [ScoreIn("eval_loss", 1.25 + i, 3.0), ScoreIn("perplexity", 12.5 * i, 40.1),
+                  ScoreIn("exact_match", 0.25, 0.0), ScoreIn("contains", 0.5, 0.125)] if i < 3 else None
+        reg.register(folder, name=name, base="tiny", tags=t, scores=scores)
+    reg.set_alias("acme-support-assistant", "prod", 1)
+    reg.set_alias("acme-support-assistant", "staging", 2)
+    # `hatrack eval` on other data: the table shows that newer score
+    reg.add_scores("acme-support-assistant", 2, [ScoreIn("eval_loss", 1.5, 2.75, split="eval:extra.jsonl")])
+
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
+    proc = subprocess.run([HATRACK, "list"], env=dict(env, HATRACK_HOME=str(hatrack_home)), capture_output=True,
+                          text=True, timeout=120)  # stdout is a pipe, not a terminal
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == (
+        "adapters on tiny\n"
+        "name                    v  tags                  scores (base's)         aliases\n"
+        "──────────────────────  ─  ────────────────────  ──────────────────────  ───────\n"
+        "acme-support-assistant  1  customer=acme-corpo…  contains 0.5 (0.125)    prod\n"
+        "                           dataset=support-tic…  eval_loss 2.25 (3)\n"
+        "                                                 exact_match 0.25 (0)\n"
+        "                                                 perplexity 12.5 (40.1)\n"
+        "acme-support-assistant  2  customer=acme         contains 0.5 (0.125)    staging\n"
+        "                           note=retrained afte…  eval_loss 1.5 (2.75)\n"
+        "                                                 exact_match 0.25 (0)\n"
+        "                                                 perplexity 25 (40.1)\n"
+        "globex                  1  -                     -                       -\n"
+        "(size, age left out to fit 80 columns; --json shows every field)\n"
+    )
+    assert max(len(line) for line in proc.stdout.splitlines()) <= 80
