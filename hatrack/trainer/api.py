@@ -20,6 +20,7 @@ from typing import Any
 from hatrack import basemodel, settings
 from hatrack.precision import precision_label
 from hatrack.errors import HatrackError
+from hatrack.precision import QUANTIZE_CHOICES
 from hatrack.registry import DatasetInfo, Registry, ScoreIn, parse_ref, validate_name
 from hatrack.trainer import data as data_mod
 from hatrack.trainer.render import check_mask, encode, end_of_turn_ids
@@ -81,6 +82,7 @@ def run_dir_for(name: str, data_sha256: str) -> Path:
 
 
 def _check_config(config: TrainConfig) -> None:
+    """Every option, checked before the dataset is read, a run folder made or torch imported."""
     validate_name(config.name)
     checks = [
         (config.rank >= 1, f"--rank must be at least 1; got {config.rank}"),
@@ -91,6 +93,9 @@ def _check_config(config: TrainConfig) -> None:
         (config.batch_size >= 1, f"--batch-size must be at least 1; got {config.batch_size}"),
         (config.max_length >= 16, f"--max-length must be at least 16; got {config.max_length}"),
         (config.save_steps is None or config.save_steps >= 1, f"--save-steps must be at least 1; got {config.save_steps}"),
+        (0 <= config.eval_split < 1, f"--eval-split must be in [0, 1); got {config.eval_split}"),
+        (config.quantize is None or config.quantize in QUANTIZE_CHOICES,
+         f"--quantize must be one of {', '.join(QUANTIZE_CHOICES)}; got {config.quantize!r}"),
     ]
     for ok, message in checks:
         if not ok:
