@@ -112,9 +112,10 @@ def _prepare_run_dir(config: TrainConfig, dataset_sha: str) -> tuple[TrainConfig
         checkpoint = last_checkpoint(run_dir) if run_dir.is_dir() else None
         saved = run_dir / RUN_CONFIG
         if checkpoint is None or not saved.is_file():
+            where = f"no checkpoint in {run_dir}" if run_dir.is_dir() else "no interrupted run of it"
             raise HatrackError(
-                f"nothing to resume for {config.name} on this data: no checkpoint in {run_dir}"
-                " (train with --save-steps N to write checkpoints)"
+                f"nothing to resume for {config.name} on this data: {where} (a run writes one when Ctrl-C "
+                "stops it, or every N steps with --save-steps N); run the command again without --resume"
             )
         fields = json.loads(saved.read_text())
         fields["resume"] = True
@@ -125,6 +126,14 @@ def _prepare_run_dir(config: TrainConfig, dataset_sha: str) -> tuple[TrainConfig
     config = dataclasses.replace(config, run_id=uuid.uuid4().hex[:16])
     (run_dir / RUN_CONFIG).write_text(json.dumps(dataclasses.asdict(config), indent=2))
     return config, run_dir, None
+
+
+def resume_command(config: TrainConfig) -> str:
+    """The command line that carries on this run: --resume takes every other option
+    from the run's own saved config."""
+    import shlex
+
+    return shlex.join(["hatrack", "train", "--data", config.data, "--name", config.name, "--resume"])
 
 
 def _refuse_registered_run(registry: Registry, config: TrainConfig, run_dir: Path) -> None:
@@ -193,7 +202,8 @@ def train(config: TrainConfig, registry: Registry, *, progress: bool = True) -> 
         epochs=config.epochs, max_steps=config.max_steps, lr=config.lr, batch_size=config.batch_size,
         max_length=config.max_length, seed=config.seed, save_steps=config.save_steps,
     )
-    result = loop.run(model, tokenizer, encoded, runtime, settings_, run_dir, resume_from=checkpoint, progress=progress)
+    result = loop.run(model, tokenizer, encoded, runtime, settings_, run_dir, resume_from=checkpoint,
+                      progress=progress, resume_command=resume_command(config))
 
     adapter_dir = run_dir / "adapter"
     if adapter_dir.exists():
