@@ -156,3 +156,35 @@ def test_eval_passes_quantize_through(monkeypatch):
 def test_eval_refuses_an_unknown_quantize_at_once(hatrack_home, rows, no_torch):
     proc = _run(hatrack_home, "eval", "codes@1", "--data", str(rows), "--quantize", "fp8", env=no_torch)
     assert proc.returncode == 1 and proc.stderr == "error: --quantize must be one of nf4, int8, none; got 'fp8'\n"
+
+
+def test_train_options_come_from_train_config(monkeypatch):
+    import dataclasses
+
+    from typer.testing import CliRunner
+
+    import hatrack.trainer
+    from hatrack import settings
+    from hatrack.cli.main import app
+    from hatrack.trainer import TrainConfig
+
+    shown = subprocess.run([HATRACK, "train", "--help"], env={**os.environ, "COLUMNS": "200"},
+                           capture_output=True, text=True, timeout=60).stdout
+    for f in dataclasses.fields(TrainConfig):
+        if f.name == "run_id":
+            assert "--run-id" not in shown  # set by a run, not by its user
+            continue
+        flag = "--tag" if f.name == "tags" else "--" + f.name.replace("_", "-")
+        [line] = [line for line in shown.splitlines() if f" {flag} " in line]
+        assert f.metadata["help"] in line
+        if f.default not in (None, False, dataclasses.MISSING):
+            assert f"[default: {f.default}]" in line
+    assert f"[default: {settings.DEFAULT_BASE_NAME}]" in shown and "--json" in shown
+
+    seen = []
+    monkeypatch.setattr(hatrack.trainer, "train", lambda config, registry, progress: seen.append(config) or 1 / 0)
+    result = CliRunner().invoke(app, ["train", "--data", "x.jsonl", "--name", "acme", "--tag", "customer=acme",
+                                      "--rank", "8", "--eval-split", "0", "--quantize", "none"])
+    assert isinstance(result.exception, ZeroDivisionError)  # stopped right after building the config
+    assert seen == [TrainConfig(data="x.jsonl", name="acme", tags={"customer": "acme"}, rank=8, eval_split=0.0,
+                                quantize="none")]

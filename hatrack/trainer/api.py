@@ -29,27 +29,36 @@ RUN_CONFIG = "hatrack-run.json"
 METRICS = ("eval_loss", "perplexity", "exact_match", "contains")
 
 
+def _opt(default: Any = dataclasses.MISSING, help: str = "", **meta: Any) -> Any:
+    """A TrainConfig field with its `hatrack train` help text (the CLI is built from
+    these fields: one place for each default and its help)."""
+    return field(default=default, metadata={"help": help, **meta})
+
+
 @dataclass
 class TrainConfig:
-    data: str
-    name: str
-    base: str = settings.DEFAULT_BASE_NAME
-    tags: dict[str, str] = field(default_factory=dict)
-    eval_split: float = 0.1
-    epochs: float = 3.0
-    max_steps: int | None = None
-    rank: int = 16
-    alpha: int = 32
-    lr: float = 2e-4
-    targets: str = "all-linear"
-    quantize: str | None = None  # None = best for this machine
-    seed: int = 42
-    resume: bool = False
-    save_steps: int | None = None
-    batch_size: int = 4  # small per-customer sets learn more from more, smaller steps
-    max_length: int = 1024
-    parent: str | None = None  # NAME@V: start from that version's adapter
-    run_id: str | None = None  # set when a run starts; lets --resume see the run was already registered
+    data: str = _opt(help="JSONL, JSON, CSV or Parquet file, or a Hugging Face dataset name.")
+    name: str = _opt(help="Adapter name; each run adds a version.")
+    base: str = _opt(settings.DEFAULT_BASE_NAME, "Registered base model.")
+    tags: dict[str, str] = field(default_factory=dict, metadata={
+        "help": "k=v tag for the new version (repeatable).", "flag": "--tag"})
+    eval_split: float = _opt(0.1, "Share of rows held out for evaluation (0 = none).")
+    epochs: float = _opt(3.0, "Passes over the training rows.")
+    max_steps: int | None = _opt(None, "Stop after this many steps (overrides --epochs).")
+    rank: int = _opt(16, "LoRA rank.")
+    alpha: int = _opt(32, "LoRA alpha.")
+    lr: float = _opt(2e-4, "Learning rate.")
+    targets: str = _opt("all-linear", "all-linear, or comma-separated module names.")
+    quantize: str | None = _opt(None, "nf4 | int8 | none (default: best for this machine).")
+    seed: int = _opt(42, "Seed for the split, LoRA init and data order.")
+    resume: bool = _opt(False, "Continue the interrupted run of this name and data.")
+    save_steps: int | None = _opt(None, "Write a checkpoint every N steps.")
+    # small per-customer sets learn more from more, smaller steps
+    batch_size: int = _opt(4, "Rows per step.")
+    max_length: int = _opt(1024, "Tokens per row; longer rows are cut.")
+    parent: str | None = _opt(None, "NAME@V: continue training from that version.")
+    # set when a run starts; lets --resume see the run was already registered
+    run_id: str | None = _opt(None, cli=False)
 
 
 @dataclass
