@@ -186,7 +186,7 @@ def list_cmd(
     name: Optional[str] = typer.Option(None, "--name", help="Only this adapter name."),
     tag: Optional[List[str]] = typer.Option(None, "--tag", help="Only versions with key=value (repeatable: all must match)."),
     base: Optional[str] = typer.Option(None, "--base", help="Only adapters of this base."),
-    sort: Optional[str] = typer.Option(None, "--sort", help="A metric (e.g. eval_loss: best first), or name, version, created, size."),
+    sort: Optional[str] = typer.Option(None, "--sort", help="A metric the listed versions record (e.g. eval_loss: best first), or name, version, created, size, base."),
     as_json: bool = JSON_OPT,
 ) -> None:
     """List adapter versions with their base, tags, scores, size, age and aliases."""
