@@ -18,9 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from hatrack import basemodel, settings
-from hatrack.precision import precision_label
 from hatrack.errors import HatrackError
-from hatrack.precision import QUANTIZE_CHOICES
+from hatrack.precision import QUANTIZE_CHOICES, precision_label
 from hatrack.registry import DatasetInfo, Registry, ScoreIn, parse_ref, validate_name
 from hatrack.trainer import data as data_mod
 from hatrack.trainer.render import check_mask, encode, end_of_turn_ids
