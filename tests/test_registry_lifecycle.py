@@ -13,7 +13,7 @@ import pytest
 from conftest import hand_adapter, tiny_registry
 from sqlalchemy import update
 
-from hatrack.registry import GateError, InvalidNameError, NotFoundError, Registry, ScoreIn, key_allows
+from hatrack.registry import GateError, InvalidNameError, NotFoundError, Registry, RegistryError, ScoreIn, key_allows
 from hatrack.registry.records import DatasetInfo
 from hatrack.registry.tables import AdapterVersion, utcnow
 
@@ -53,7 +53,10 @@ def test_prod_alias_gate_and_history(reg: Registry, tmp_path: Path):
 
     reg.set_alias("acme", "prod", 3, force=True)
     assert reg.resolve("acme").version == 3
-    reg.set_alias("acme", "prod", 4)  # nothing to compare: passes
+    with pytest.raises(GateError, match=r"acme@4 to prod: it has no held-out eval_loss to compare; "
+                                        r"score it with `hatrack eval acme@4 --data FILE`, or use --force"):
+        reg.set_alias("acme", "prod", 4)
+    reg.set_alias("acme", "prod", 4, force=True)
     reg.set_alias("acme", "staging", 2)  # only prod is gated
     assert reg.resolve("acme@staging").version == 2
     with pytest.raises(InvalidNameError, match="never all digits"):
@@ -66,7 +69,20 @@ def test_prod_alias_gate_and_history(reg: Registry, tmp_path: Path):
         reg.delete_alias("acme", "prod")
 
     moves = [(h["from_version"], h["to_version"], h["forced"]) for h in reg.alias_history("acme", "prod")]
-    assert moves == [(None, 1, False), (1, 3, True), (3, 4, False), (4, None, False)]
+    assert moves == [(None, 1, False), (1, 3, True), (3, 4, True), (4, None, False)]
+
+    # scored by `hatrack eval` (no held-out rows): judged against the base on those rows,
+    # and against prod only where prod was scored on the same data
+    add(reg, tmp_path, "acme", 5)  # v5
+    reg.add_scores("acme", 5, [ScoreIn("eval_loss", 3.2, 3.0, "ee" * 32, split="eval:extra.jsonl")])
+    with pytest.raises(GateError, match=r"3\.2 is worse than the base model's 3 "):
+        reg.set_alias("acme", "prod", 5)
+    reg.add_scores("acme", 5, [ScoreIn("eval_loss", 2.8, 3.0, "ee" * 32, split="eval:extra.jsonl")])
+    reg.set_alias("acme", "prod", 5)
+    add(reg, tmp_path, "acme", 6)  # v6: scored on the same data as prod, and worse
+    reg.add_scores("acme", 6, [ScoreIn("eval_loss", 2.9, 3.0, "ee" * 32, split="eval:extra.jsonl")])
+    with pytest.raises(GateError, match=r"2\.9 is worse than acme@5 \(current prod\) at 2\.8 "):
+        reg.set_alias("acme", "prod", 6)
 
 
 def test_list_filters_sort_scores_and_show(reg: Registry, tmp_path: Path):
@@ -99,6 +115,26 @@ def test_list_filters_sort_scores_and_show(reg: Registry, tmp_path: Path):
     assert {(s["metric"], s["base_value"]) for s in info["score_rows"]} == {("eval_loss", 3.0), ("exact_match", 0.1)}
     two = reg.version_info("acme", 2)
     assert two["tags"] == {"customer": "acme", "tier": "silver"} and two["aliases"] == ["prod"]
+
+
+def test_listing_shows_the_newest_score_whatever_its_split(reg: Registry, tmp_path: Path):
+    add(reg, tmp_path, "acme", 1, loss=2.2)  # held out by the training run
+    add(reg, tmp_path, "acme", 2, loss=2.0)
+    reg.add_scores("acme", 1, [ScoreIn("eval_loss", 1.5, 3.1, split="eval:extra.jsonl", precision="bf16")])
+
+    rows = {r["label"]: r for r in reg.list_versions()}
+    assert rows["acme@1"]["scores"] == {"eval_loss": 1.5} and rows["acme@1"]["base_scores"] == {"eval_loss": 3.1}
+    assert rows["acme@1"]["score_splits"] == {"eval_loss": "eval:extra.jsonl"}
+    assert rows["acme@1"]["score_precisions"] == {"eval_loss": "bf16"}
+    assert rows["acme@2"]["score_splits"] == {"eval_loss": "heldout"}
+    assert [r["label"] for r in reg.list_versions(sort="eval_loss")] == ["acme@1", "acme@2"]
+
+    with pytest.raises(RegistryError) as err:
+        reg.list_versions(sort="nonsense")
+    assert str(err.value) == ("unknown sort key 'nonsense': use one of base, created, name, size, version, "
+                              "or a metric the listed versions record: eval_loss")
+    with pytest.raises(RegistryError, match=r"\(the listed versions record no metrics\)"):
+        reg.list_versions(name="nobody", sort="eval_loss")
 
 
 def test_prune_plans_then_deletes_and_never_touches_aliased(reg: Registry, tmp_path: Path, hatrack_home: Path):

@@ -80,6 +80,18 @@ def test_bad_rows_named_by_file_and_line(tmp_path):
     assert "\n" not in str(err) and str(err).startswith("acme.jsonl row 3:") and "2 more bad rows: 5, 6" in str(err)
 
 
+def test_truncated_row_reports_the_parsers_column(tmp_path):
+    row = '{"messages": [{"role": "user", "content": "hi"}'  # cut off mid-row
+    path = tmp_path / "cut.jsonl"
+    path.write_text(json.dumps(TEXT) + "\n" + row + "\n")
+    with pytest.raises(json.JSONDecodeError) as parsed:
+        json.loads(row)
+    with pytest.raises(DatasetError) as info:
+        load_dataset(str(path))
+    assert parsed.value.colno == 48
+    assert info.value.problems == ["cut.jsonl row 2: not valid JSON (Expecting ',' delimiter at column 48)"]
+
+
 def test_missing_file_and_unknown_type(tmp_path):
     with pytest.raises(DatasetError, match=r"nope\.jsonl: no such file"):
         load_dataset(str(tmp_path / "nope.jsonl"))

@@ -30,6 +30,9 @@ _install_commands()
 
 def main() -> None:
     """Run the app; a HatrackError becomes one line on stderr and exit code 1."""
+    from hatrack.cli import quiet
+
+    quiet.install()  # before any command imports a library
     try:
         app()
     except HatrackError as err:

@@ -60,43 +60,50 @@ def _fmt_score(value: float | None) -> str:
     return "-" if value is None else f"{value:.3g}"
 
 
+def _score_lines(row: dict) -> str:
+    """One score per line, its base's value beside it."""
+    lines = []
+    for metric, value in row["scores"].items():
+        base = row["base_scores"].get(metric)
+        lines.append(f"{metric} {_fmt_score(value)}" + (f" ({_fmt_score(base)})" if base is not None else ""))
+    return "\n".join(lines) or "-"
+
+
+# How the list table makes room, first to last: cut long tags and aliases, leave out
+# size, age (and base, tags), and only then cut scores and names.
+_LIST_STEPS = [("shrink", "tags"), ("shrink", "aliases"), ("shrink", "base"), ("drop", "size"), ("drop", "age"),
+               ("drop", "base"), ("shrink", "scores (base's)"), ("drop", "tags"), ("shrink", "name")]
+
+
 def print_versions(rows: list[dict], console=None) -> None:
-    """The `hatrack list` table (also printed by `hatrack demo`)."""
+    """The `hatrack list` table (also printed by `hatrack demo`), fitted to the console's
+    width (80 columns when stdout is not a terminal)."""
     from rich.console import Console
-    from rich.table import Table
+
+    from hatrack.cli.fit import Column, fit
 
     console = console or Console()
     if not rows:
-        console.print("no adapter versions")
+        console.out("no adapter versions", highlight=False)
         return
-    from rich import box
-
     bases = {r["base"] for r in rows}
     one_base = len(bases) == 1  # then the title names it, and the table is narrower
-    table = Table(title=f"adapters on {next(iter(bases))}" if one_base else "adapters", box=box.SIMPLE_HEAD)
-    table.add_column("name", no_wrap=True)
-    table.add_column("v", justify="right")
-    # one score and one tag per line, so a narrow terminal folds nothing mid-number
-    if not one_base:
-        table.add_column("base", overflow="fold")
-    table.add_column("tags", overflow="fold")
-    table.add_column("scores (base's)", no_wrap=True)
-    table.add_column("size", no_wrap=True, justify="right")
-    table.add_column("age", no_wrap=True, justify="right")
-    table.add_column("aliases", overflow="fold")
-    for r in rows:
-        scores = "\n".join(
-            f"{m} {_fmt_score(v)}" + (f" ({_fmt_score(r['base_scores'].get(m))})"
-                                      if r["base_scores"].get(m) is not None else "")
-            for m, v in r["scores"].items()
-        )
-        table.add_row(
-            r["name"], str(r["version"]), *([] if one_base else [r["base"]]),
-            "\n".join(f"{k}={v}" for k, v in r["tags"].items()) or "-",
-            scores or "-", human_size(r["size"]), human_age(r["created_ts"]),
-            ", ".join(r["aliases"]) or "-",
-        )
-    console.print(table)
+    columns = [Column("name", min_width=12), Column("v", right=True)]
+    columns += [] if one_base else [Column("base", min_width=8)]
+    columns += [Column("tags", min_width=16), Column("scores (base's)", min_width=14),
+                Column("size", right=True), Column("age", right=True), Column("aliases", min_width=7)]
+    cells = [
+        [r["name"], str(r["version"]), *([] if one_base else [r["base"]]),
+         "\n".join(f"{k}={v}" for k, v in r["tags"].items()) or "-", _score_lines(r),
+         human_size(r["size"]), human_age(r["created_ts"]), ", ".join(r["aliases"]) or "-"]
+        for r in rows
+    ]
+    table = fit(columns, cells, console.width, _LIST_STEPS)
+    lines = [f"adapters on {next(iter(bases))}" if one_base else "adapters", *table.lines]
+    if table.dropped:
+        lines.append(f"({', '.join(table.dropped)} left out to fit {console.width} columns; --json shows every field)")
+    for line in lines:
+        console.out(line, highlight=False)
 
 
 def _adapter_ref(reg, ref: str):
@@ -182,7 +189,7 @@ def list_cmd(
     name: Optional[str] = typer.Option(None, "--name", help="Only this adapter name."),
     tag: Optional[List[str]] = typer.Option(None, "--tag", help="Only versions with key=value (repeatable: all must match)."),
     base: Optional[str] = typer.Option(None, "--base", help="Only adapters of this base."),
-    sort: Optional[str] = typer.Option(None, "--sort", help="A metric (e.g. eval_loss: best first), or name, version, created, size."),
+    sort: Optional[str] = typer.Option(None, "--sort", help="A metric the listed versions record (e.g. eval_loss: best first), or name, version, created, size, base."),
     as_json: bool = JSON_OPT,
 ) -> None:
     """List adapter versions with their base, tags, scores, size, age and aliases."""
@@ -255,7 +262,7 @@ def alias(
     name: str = typer.Argument(..., metavar="NAME", help="Adapter name."),
     alias_name: str = typer.Argument(..., metavar="ALIAS", help="Alias, e.g. prod or staging (never all digits)."),
     version: Optional[int] = typer.Argument(None, metavar="VERSION", help="Version the alias should point at."),
-    force: bool = typer.Option(False, "--force", help="Promote to prod even if its eval_loss is worse."),
+    force: bool = typer.Option(False, "--force", help="Promote to prod even if its eval_loss is worse, or it has none."),
     delete: bool = typer.Option(False, "--delete", help="Remove the alias."),
 ) -> None:
     """Point ALIAS of NAME at VERSION (prod is gated on eval_loss), or --delete it."""
@@ -288,7 +295,8 @@ def prune(
     yes: bool = typer.Option(False, "--yes", help="Delete. Without it, only the plan is printed."),
     as_json: bool = JSON_OPT,
 ) -> None:
-    """Remove old or worse versions. Prints the plan; deletes only with --yes. Aliased versions are kept."""
+    """Remove old or worse versions. Prints the plan; deletes only with --yes. Aliased versions,
+    and the parents of versions that stay, are kept."""
     reg = _registry()
     plan = reg.plan_prune(name=name, tags=_tags(tag), keep_last=keep_last, keep_best=keep_best, by=by,
                           older_than=older_than, trained_on=trained_on)
@@ -297,7 +305,7 @@ def prune(
         _dump({"plan": plan.to_dict(), "deleted": yes, "result": result.to_dict() if result else None})
         return
     for kept in plan.kept:
-        print(f"keep   {kept['label']}  (alias {', '.join(kept['aliases'])})")
+        print(f"keep   {kept['label']}  ({kept['why']})")
     for item in plan.remove:
         print(f"remove {item.label}  {human_size(item.size)}  {'; '.join(item.reasons)}")
     if not plan.remove:

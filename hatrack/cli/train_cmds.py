@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import json
 import sys
-from typing import List, Optional
+import typing
+from typing import Any, List, Optional
 
 import typer
 
@@ -31,38 +34,37 @@ def _scores_json(scores) -> list[dict]:
     ]
 
 
-def train(
-    data: str = typer.Option(..., "--data", help="JSONL, JSON, CSV or Parquet file, or a Hugging Face dataset name."),
-    name: str = typer.Option(..., "--name", help="Adapter name; each run adds a version."),
-    base: str = typer.Option("smollm2-135m", "--base", help="Registered base model."),
-    tag: Optional[List[str]] = typer.Option(None, "--tag", help="k=v tag for the new version (repeatable)."),
-    eval_split: float = typer.Option(0.1, "--eval-split", help="Share of rows held out for evaluation (0 = none)."),
-    epochs: float = typer.Option(3.0, "--epochs", help="Passes over the training rows."),
-    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after this many steps (overrides --epochs)."),
-    rank: int = typer.Option(16, "--rank", help="LoRA rank."),
-    alpha: int = typer.Option(32, "--alpha", help="LoRA alpha."),
-    lr: float = typer.Option(2e-4, "--lr", help="Learning rate."),
-    targets: str = typer.Option("all-linear", "--targets", help="all-linear, or comma-separated module names."),
-    quantize: Optional[str] = typer.Option(None, "--quantize", help="nf4 | int8 | none (default: best for this machine)."),
-    seed: int = typer.Option(42, "--seed", help="Seed for the split, LoRA init and data order."),
-    resume: bool = typer.Option(False, "--resume", help="Continue the interrupted run of this name and data."),
-    save_steps: Optional[int] = typer.Option(None, "--save-steps", help="Write a checkpoint every N steps."),
-    batch_size: int = typer.Option(4, "--batch-size", help="Rows per step."),
-    max_length: int = typer.Option(1024, "--max-length", help="Tokens per row; longer rows are cut."),
-    parent: Optional[str] = typer.Option(None, "--parent", help="NAME@V: continue training from that version."),
-    as_json: bool = typer.Option(False, "--json", help="Print the outcome as JSON."),
-) -> None:
+def _train_parameters() -> list[inspect.Parameter]:
+    """One `hatrack train` option per TrainConfig field, with the field's default and
+    help text, then --json: the dataclass is the one source of both."""
+    from hatrack.trainer import TrainConfig
+
+    hints = typing.get_type_hints(TrainConfig)
+    params = []
+    for f in dataclasses.fields(TrainConfig):
+        if f.metadata.get("cli") is False:
+            continue
+        annotation, default = hints[f.name], f.default
+        if f.name == "tags":  # k=v words on the command line, a dict in the config
+            annotation, default = Optional[List[str]], None
+        elif default is dataclasses.MISSING:
+            default = ...  # required
+        flag = f.metadata.get("flag", "--" + f.name.replace("_", "-"))
+        option = typer.Option(default, flag, help=f.metadata["help"])
+        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=option,
+                                        annotation=annotation))
+    json_option = typer.Option(False, "--json", help="Print the outcome as JSON.")
+    params.append(inspect.Parameter("as_json", inspect.Parameter.KEYWORD_ONLY, default=json_option, annotation=bool))
+    return params
+
+
+def train(*, as_json: bool = False, **options: Any) -> None:
     """Train a LoRA adapter on a dataset, evaluate it against its base, register it."""
     from hatrack.registry import Registry
     from hatrack.trainer import TrainConfig
     from hatrack.trainer import train as run_training
 
-    config = TrainConfig(
-        data=data, name=name, base=base, tags=_tags(tag), eval_split=eval_split, epochs=epochs,
-        max_steps=max_steps, rank=rank, alpha=alpha, lr=lr, targets=targets, quantize=quantize,
-        seed=seed, resume=resume, save_steps=save_steps, batch_size=batch_size, max_length=max_length,
-        parent=parent,
-    )
+    config = TrainConfig(**{**options, "tags": _tags(options.get("tags"))})
     outcome = run_training(config, Registry(), progress=True)
     if as_json:
         metrics = {k: v for k, v in outcome.metrics.items() if k not in ("loss_curve", "heldout_samples")}
@@ -84,13 +86,15 @@ def train(
 def eval_cmd(
     ref: str = typer.Argument(..., help="NAME or NAME@VERSION of an adapter."),
     data: str = typer.Option(..., "--data", help="JSONL, JSON, CSV or Parquet file, or a Hugging Face dataset name."),
+    quantize: Optional[str] = typer.Option(
+        None, "--quantize", help="Load the base as nf4 | int8 | none (default: as the version was trained)."),
     as_json: bool = typer.Option(False, "--json", help="Print the scores as JSON."),
 ) -> None:
     """Score an adapter version and its base on a dataset; add the scores to that version."""
     from hatrack.registry import Registry
     from hatrack.trainer import evaluate
 
-    scores = evaluate(Registry(), ref, data, progress=not as_json)
+    scores = evaluate(Registry(), ref, data, quantize=quantize, progress=not as_json)
     if as_json:
         print(json.dumps(_scores_json(scores), indent=2))
         return
@@ -101,5 +105,8 @@ def eval_cmd(
 
 
 def install(app: typer.Typer) -> None:
+    params = _train_parameters()
+    train.__signature__ = inspect.Signature(params)  # what typer reads to build the options
+    train.__annotations__ = {p.name: p.annotation for p in params}
     app.command("train")(train)
     app.command("eval")(eval_cmd)

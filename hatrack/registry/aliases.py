@@ -1,6 +1,7 @@
 """Aliases (`acme-support@prod`) with an append-only history of every move, and the
 promotion gate on `prod`: a version whose held-out eval loss is worse than the base's
-on the same rows, or worse than the current prod's, is refused unless forced."""
+on the same rows, or worse than the current prod's, is refused unless forced; so is a
+version with no eval loss at all."""
 
 from __future__ import annotations
 
@@ -26,15 +27,42 @@ def latest_score(session: Session, version_id: int, metric: str, split: str = "h
     ).first()
 
 
+def _eval_fallback(session: Session, version_id: int) -> Score | None:
+    """A version trained without held-out rows (--eval-split 0, or registered from a
+    folder) is judged by its newest `hatrack eval` score: rows it was not trained on too."""
+    return session.exec(
+        select(Score).where(Score.version_id == version_id, Score.metric == GATE_METRIC,
+                            Score.split.startswith("eval:"))
+        .order_by(Score.created.desc(), Score.id.desc()).limit(1)
+    ).first()
+
+
+def _comparable(session: Session, version_id: int, score: Score) -> Score | None:
+    """Current prod's score to hold `score` against: its held-out one for a held-out
+    score; for an eval score, prod's newest on the same data (else nothing to compare)."""
+    if score.split == "heldout":
+        return latest_score(session, version_id, GATE_METRIC)
+    return session.exec(
+        select(Score).where(Score.version_id == version_id, Score.metric == GATE_METRIC,
+                            Score.dataset_sha256 == score.dataset_sha256)
+        .order_by(Score.created.desc(), Score.id.desc()).limit(1)
+    ).first()
+
+
 def _fmt(x: float) -> str:
     return f"{x:.4g}"
 
 
 def _gate(session: Session, target: AdapterVersion, current: Alias | None) -> None:
+    label = f"{target.name}@{target.version}"
     score = latest_score(session, target.id, GATE_METRIC)
     if score is None:
-        return  # nothing to compare
-    label = f"{target.name}@{target.version}"
+        score = _eval_fallback(session, target.id)
+    if score is None:  # a promotion nothing vouches for is a decision, not a default
+        raise GateError(
+            f"refusing to promote {label} to {PROD}: it has no held-out {GATE_METRIC} to compare; "
+            f"score it with `hatrack eval {label} --data FILE`, or use --force to promote anyway"
+        )
     if score.base_value is not None and score.value > score.base_value:
         raise GateError(
             f"refusing to promote {label} to {PROD}: its {GATE_METRIC} {_fmt(score.value)} is worse than "
@@ -45,7 +73,7 @@ def _gate(session: Session, target: AdapterVersion, current: Alias | None) -> No
     prod_row = session.exec(
         select(AdapterVersion).where(AdapterVersion.name == target.name, AdapterVersion.version == current.version)
     ).first()
-    prod_score = latest_score(session, prod_row.id, GATE_METRIC) if prod_row else None
+    prod_score = _comparable(session, prod_row.id, score) if prod_row else None
     if prod_score is not None and score.value > prod_score.value:
         raise GateError(
             f"refusing to promote {label} to {PROD}: its {GATE_METRIC} {_fmt(score.value)} is worse than "

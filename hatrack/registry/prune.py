@@ -1,6 +1,7 @@
 """Pruning: a plan first (what would go, why, and the bytes freed), deletion only when
-asked. A version an alias points at is never removed. Store folders that no remaining
-version uses are removed with the versions."""
+asked. A version an alias points at is never removed, nor the parent (lineage) of a
+version that stays. Store folders that no remaining version uses are removed with the
+versions."""
 
 from __future__ import annotations
 
@@ -82,14 +83,16 @@ class PlanItem:
 @dataclass
 class PrunePlan:
     remove: list[PlanItem] = field(default_factory=list)
-    kept: list[dict[str, Any]] = field(default_factory=list)  # would go, but an alias holds them
+    # would go, but are held: {"label", "why" ("alias prod", "parent of acme@3"), "aliases", "would_go_because"}
+    kept: list[dict[str, Any]] = field(default_factory=list)
     free_folders: list[str] = field(default_factory=list)
     freed_bytes: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "remove": [dict(asdict(i), label=i.label) for i in self.remove],
-            "kept_by_alias": self.kept,
+            "kept": self.kept,
+            "kept_by_alias": [k for k in self.kept if k["aliases"]],
             "free_folders": self.free_folders,
             "freed_bytes": self.freed_bytes,
         }
@@ -139,12 +142,36 @@ def plan(reg: "Registry", criteria: PruneCriteria) -> PrunePlan:
         if trained_on is not None:
             reasons.append(f"trained on {trained_on[:12]}")
         if row["aliases"]:
-            result.kept.append({"label": row["label"], "aliases": row["aliases"], "would_go_because": reasons})
+            result.kept.append({"label": row["label"], "why": f"alias {', '.join(row['aliases'])}",
+                                "aliases": row["aliases"], "would_go_because": reasons})
             continue
         result.remove.append(PlanItem(row["name"], row["version"], row["sha256"], row["size"],
                                       row["created"], reasons))
+    _keep_parents(reg, result)
     _count_freed(reg, result)
     return result
+
+
+def _keep_parents(reg: "Registry", result: PrunePlan) -> None:
+    """A version that stays keeps its lineage: the parent it was trained from (and that
+    one's parent) is taken off the plan, whatever the filters said."""
+    with reg.session() as session:
+        parents = {(n, v): p for n, v, p in session.exec(
+            select(AdapterVersion.name, AdapterVersion.version, AdapterVersion.parent_version)
+            .order_by(AdapterVersion.name, AdapterVersion.version)).all()}
+    going = {(i.name, i.version): i for i in result.remove}
+    pending = [key for key in parents if key not in going]  # every version that stays
+    while pending:
+        name, version = pending.pop()
+        parent = (name, parents[(name, version)])
+        item = going.pop(parent, None) if parent[1] is not None else None
+        if item is None:
+            continue
+        result.kept.append({"label": item.label, "why": f"parent of {name}@{version}", "aliases": [],
+                            "would_go_because": item.reasons})
+        pending.append(parent)
+    result.remove = [i for i in result.remove if (i.name, i.version) in going]
+    result.kept.sort(key=lambda k: (k["label"].rsplit("@", 1)[0], int(k["label"].rsplit("@", 1)[1])))
 
 
 def _referenced(reg: "Registry", exclude: set[tuple[str, int]]) -> set[str]:

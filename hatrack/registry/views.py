@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlmodel import select
 
-from hatrack.registry.errors import NotFoundError
+from hatrack.registry.errors import NotFoundError, RegistryError
 from hatrack.registry.names import validate_name, validate_tags
 from hatrack.registry.records import epoch, iso
 from hatrack.registry.tables import AdapterVersion, Alias, AliasHistory, BaseModelRow, Score, Tag
@@ -25,28 +25,52 @@ def lower_is_better(metric: str) -> bool:
     return "loss" in m or "perplexity" in m or m == "ppl"
 
 
-def _summary(scores: list[Score]) -> tuple[dict[str, float], dict[str, float | None]]:
-    """Latest value per metric, held-out rows winning over other splits."""
-    best: dict[str, Score] = {}
-    for s in scores:
-        cur = best.get(s.metric)
-        rank = (s.split == "heldout", s.created, s.id)
-        if cur is None or rank > (cur.split == "heldout", cur.created, cur.id):
-            best[s.metric] = s
-    return ({m: s.value for m, s in sorted(best.items())}, {m: s.base_value for m, s in sorted(best.items())})
+class _Shown:
+    """The score shown for each metric of a version: the newest one, whatever its split,
+    so `hatrack eval` results show up in listings at once. (The promotion gate reads
+    held-out rows itself, in aliases.py.)"""
+
+    def __init__(self, scores: list[Score]) -> None:
+        newest: dict[str, Score] = {}
+        for s in scores:
+            cur = newest.get(s.metric)
+            if cur is None or (s.created, s.id) > (cur.created, cur.id):
+                newest[s.metric] = s
+        self.by_metric = dict(sorted(newest.items()))
+
+    def fields(self) -> dict[str, dict]:
+        shown = self.by_metric.items()
+        return {
+            "scores": {m: s.value for m, s in shown},
+            "base_scores": {m: s.base_value for m, s in shown},
+            # where each shown score came from: "heldout" (the training run) or "eval:<file>"
+            "score_splits": {m: s.split for m, s in shown},
+            "score_precisions": {m: s.precision for m, s in shown},
+        }
 
 
 def _row_dict(v: AdapterVersion, tags: dict[str, str], scores: list[Score], aliases: list[str]) -> dict[str, Any]:
-    values, base_values = _summary(scores)
     return {
         "name": v.name, "version": v.version, "label": f"{v.name}@{v.version}", "status": v.status,
         "created": iso(v.created), "created_ts": epoch(v.created),
         "base": v.base_name, "base_fingerprint": v.base_fingerprint, "quantization": v.quantization,
         "parent_version": v.parent_version, "dataset_sha256": v.dataset_sha256,
         "dataset_rows": v.dataset_rows, "dataset_source": v.dataset_source, "seed": v.seed,
-        "sha256": v.sha256, "size": v.size, "tags": tags, "scores": values, "base_scores": base_values,
+        "sha256": v.sha256, "size": v.size, "tags": tags, **_Shown(scores).fields(),
         "aliases": sorted(aliases), "lora": v.lora,
     }
+
+
+def check_sort(sort: str, rows: list[dict]) -> None:
+    """An unknown --sort is an error naming what would work: the plain sorts and the
+    metrics recorded in the versions being listed."""
+    metrics = sorted({m for r in rows for m in r["scores"]})
+    if sort in _PLAIN_SORTS or sort in metrics:
+        return
+    plain = ", ".join(sorted(_PLAIN_SORTS))
+    recorded = (f", or a metric the listed versions record: {', '.join(metrics)}" if metrics
+                else " (the listed versions record no metrics)")
+    raise RegistryError(f"unknown sort key {sort!r}: use one of {plain}{recorded}")
 
 
 def _sort_key(sort: str):
@@ -84,6 +108,7 @@ def list_versions(reg: "Registry", name: str | None = None, tags: dict[str, str]
                 alias_map[(a.name, a.version)].append(a.alias)
     rows = [_row_dict(v, tag_map[v.id], score_map[v.id], alias_map[(v.name, v.version)]) for v in versions]
     if sort:
+        check_sort(sort, rows)
         key, reverse = _sort_key(sort)
         rows.sort(key=key, reverse=reverse)
     return rows

@@ -19,6 +19,7 @@ from typing import Any
 
 from hatrack import adapter_format, basemodel, settings
 from hatrack.errors import HatrackError
+from hatrack.precision import QUANTIZE_CHOICES
 from hatrack.registry import DatasetInfo, Registry, ScoreIn, parse_ref, validate_name
 from hatrack.trainer import data as data_mod
 from hatrack.trainer.render import check_mask, encode, end_of_turn_ids
@@ -27,27 +28,36 @@ RUN_CONFIG = "hatrack-run.json"
 METRICS = ("eval_loss", "perplexity", "exact_match", "contains")
 
 
+def _opt(default: Any = dataclasses.MISSING, help: str = "", **meta: Any) -> Any:
+    """A TrainConfig field with its `hatrack train` help text (the CLI is built from
+    these fields: one place for each default and its help)."""
+    return field(default=default, metadata={"help": help, **meta})
+
+
 @dataclass
 class TrainConfig:
-    data: str
-    name: str
-    base: str = settings.DEFAULT_BASE_NAME
-    tags: dict[str, str] = field(default_factory=dict)
-    eval_split: float = 0.1
-    epochs: float = 3.0
-    max_steps: int | None = None
-    rank: int = 16
-    alpha: int = 32
-    lr: float = 2e-4
-    targets: str = "all-linear"
-    quantize: str | None = None  # None = best for this machine
-    seed: int = 42
-    resume: bool = False
-    save_steps: int | None = None
-    batch_size: int = 4  # small per-customer sets learn more from more, smaller steps
-    max_length: int = 1024
-    parent: str | None = None  # NAME@V: start from that version's adapter
-    run_id: str | None = None  # set when a run starts; lets --resume see the run was already registered
+    data: str = _opt(help="JSONL, JSON, CSV or Parquet file, or a Hugging Face dataset name.")
+    name: str = _opt(help="Adapter name; each run adds a version.")
+    base: str = _opt(settings.DEFAULT_BASE_NAME, "Registered base model.")
+    tags: dict[str, str] = field(default_factory=dict, metadata={
+        "help": "k=v tag for the new version (repeatable).", "flag": "--tag"})
+    eval_split: float = _opt(0.1, "Share of rows held out for evaluation (0 = none).")
+    epochs: float = _opt(3.0, "Passes over the training rows.")
+    max_steps: int | None = _opt(None, "Stop after this many steps (overrides --epochs).")
+    rank: int = _opt(16, "LoRA rank.")
+    alpha: int = _opt(32, "LoRA alpha.")
+    lr: float = _opt(2e-4, "Learning rate.")
+    targets: str = _opt("all-linear", "all-linear, or comma-separated module names.")
+    quantize: str | None = _opt(None, "nf4 | int8 | none (default: best for this machine).")
+    seed: int = _opt(42, "Seed for the split, LoRA init and data order.")
+    resume: bool = _opt(False, "Continue the interrupted run of this name and data.")
+    save_steps: int | None = _opt(None, "Write a checkpoint every N steps.")
+    # small per-customer sets learn more from more, smaller steps
+    batch_size: int = _opt(4, "Rows per step.")
+    max_length: int = _opt(1024, "Tokens per row; longer rows are cut.")
+    parent: str | None = _opt(None, "NAME@V: continue training from that version.")
+    # set when a run starts; lets --resume see the run was already registered
+    run_id: str | None = _opt(None, cli=False)
 
 
 @dataclass
@@ -80,6 +90,7 @@ def run_dir_for(name: str, data_sha256: str) -> Path:
 
 
 def _check_config(config: TrainConfig) -> None:
+    """Every option, checked before the dataset is read, a run folder made or torch imported."""
     validate_name(config.name)
     checks = [
         (config.rank >= 1, f"--rank must be at least 1; got {config.rank}"),
@@ -90,6 +101,9 @@ def _check_config(config: TrainConfig) -> None:
         (config.batch_size >= 1, f"--batch-size must be at least 1; got {config.batch_size}"),
         (config.max_length >= 16, f"--max-length must be at least 16; got {config.max_length}"),
         (config.save_steps is None or config.save_steps >= 1, f"--save-steps must be at least 1; got {config.save_steps}"),
+        (0 <= config.eval_split < 1, f"--eval-split must be in [0, 1); got {config.eval_split}"),
+        (config.quantize is None or config.quantize in QUANTIZE_CHOICES,
+         f"--quantize must be one of {', '.join(QUANTIZE_CHOICES)}; got {config.quantize!r}"),
     ]
     for ok, message in checks:
         if not ok:
@@ -107,9 +121,10 @@ def _prepare_run_dir(config: TrainConfig, dataset_sha: str) -> tuple[TrainConfig
         checkpoint = last_checkpoint(run_dir) if run_dir.is_dir() else None
         saved = run_dir / RUN_CONFIG
         if checkpoint is None or not saved.is_file():
+            where = f"no checkpoint in {run_dir}" if run_dir.is_dir() else "no interrupted run of it"
             raise HatrackError(
-                f"nothing to resume for {config.name} on this data: no checkpoint in {run_dir}"
-                " (train with --save-steps N to write checkpoints)"
+                f"nothing to resume for {config.name} on this data: {where} (a run writes one when Ctrl-C "
+                "stops it, or every N steps with --save-steps N); run the command again without --resume"
             )
         fields = json.loads(saved.read_text())
         fields["resume"] = True
@@ -120,6 +135,14 @@ def _prepare_run_dir(config: TrainConfig, dataset_sha: str) -> tuple[TrainConfig
     config = dataclasses.replace(config, run_id=uuid.uuid4().hex[:16])
     (run_dir / RUN_CONFIG).write_text(json.dumps(dataclasses.asdict(config), indent=2))
     return config, run_dir, None
+
+
+def resume_command(config: TrainConfig) -> str:
+    """The command line that carries on this run: --resume takes every other option
+    from the run's own saved config."""
+    import shlex
+
+    return shlex.join(["hatrack", "train", "--data", config.data, "--name", config.name, "--resume"])
 
 
 def _refuse_registered_run(registry: Registry, config: TrainConfig, run_dir: Path) -> None:
@@ -188,7 +211,8 @@ def train(config: TrainConfig, registry: Registry, *, progress: bool = True) -> 
         epochs=config.epochs, max_steps=config.max_steps, lr=config.lr, batch_size=config.batch_size,
         max_length=config.max_length, seed=config.seed, save_steps=config.save_steps,
     )
-    result = loop.run(model, tokenizer, encoded, runtime, settings_, run_dir, resume_from=checkpoint, progress=progress)
+    result = loop.run(model, tokenizer, encoded, runtime, settings_, run_dir, resume_from=checkpoint,
+                      progress=progress, resume_command=resume_command(config))
 
     adapter_dir = run_dir / "adapter"
     if adapter_dir.exists():

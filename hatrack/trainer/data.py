@@ -133,7 +133,9 @@ def _read_jsonl(path: Path, label: str) -> Iterable[tuple[int, Any]]:
             if not line.strip():
                 continue
             try:
-                rows.append((lineno, json.loads(line)))
+                # without its newline, so a truncated row's error points into the row
+                # (column 47), not at the start of a line that does not exist (column 1)
+                rows.append((lineno, json.loads(line.rstrip("\r\n"))))
             except json.JSONDecodeError as err:
                 problems.append(f"{label} row {lineno}: not valid JSON ({err.msg} at column {err.colno})")
     if problems:

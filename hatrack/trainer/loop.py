@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import signal
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -121,8 +122,10 @@ def run(
     *,
     resume_from: Path | None = None,
     progress: bool = True,
+    resume_command: str = "the same command with --resume",
 ) -> LoopResult:
-    """Train `model` (a PEFT model) in place; return what the run measured."""
+    """Train `model` (a PEFT model) in place; return what the run measured.
+    `resume_command` is what an interrupted run tells the user to run."""
     import warnings
 
     import datasets
@@ -183,6 +186,9 @@ def run(
 
         saved = json.loads((resume_from / "trainer_state.json").read_text())
         start_tokens = int(saved.get("num_input_tokens_seen", 0))
+        if progress:
+            print(f"resuming from step {int(saved.get('global_step', 0))} of {total} (checkpoint {resume_from})",
+                  file=sys.stderr, flush=True)
 
     def _on_sigint(signum, frame):
         if stop_flag.get("stop"):  # a second Ctrl-C: stop right now
@@ -202,9 +208,11 @@ def run(
             callback.close()
     runtime_s = time.perf_counter() - started
     state = trainer.state
-    if stop_flag.get("stop"):
+    if stop_flag.get("stop"):  # Ctrl-C: the trainer saved a checkpoint at this step before stopping
+        checkpoint = last_checkpoint(run_dir)
+        kept = f"checkpoint saved in {checkpoint}" if checkpoint else f"run folder {run_dir} kept"
         raise TrainingInterrupted(
-            f"interrupted at step {state.global_step} of {total}; checkpoint kept, run the same command with --resume"
+            f"interrupted at step {state.global_step} of {total}; {kept}; to carry on, run: {resume_command}"
         )
     curve = [[int(e["step"]), float(e["loss"])] for e in state.log_history if "loss" in e and "step" in e]
     tokens = int(state.num_input_tokens_seen) - start_tokens  # by this process (runtime_s is too)
