@@ -19,10 +19,11 @@ from typing import Any
 
 from hatrack import adapter_format, basemodel, settings
 from hatrack.errors import HatrackError
-from hatrack.precision import QUANTIZE_CHOICES
 from hatrack.registry import DatasetInfo, Registry, ScoreIn, parse_ref, validate_name
 from hatrack.trainer import data as data_mod
+from hatrack.chat_format import load_generation_config
 from hatrack.trainer.render import check_mask, encode, end_of_turn_ids
+from hatrack.trainer.runtime import check_quantize
 
 RUN_CONFIG = "hatrack-run.json"
 METRICS = ("eval_loss", "perplexity", "exact_match", "contains")
@@ -102,12 +103,12 @@ def _check_config(config: TrainConfig) -> None:
         (config.max_length >= 16, f"--max-length must be at least 16; got {config.max_length}"),
         (config.save_steps is None or config.save_steps >= 1, f"--save-steps must be at least 1; got {config.save_steps}"),
         (0 <= config.eval_split < 1, f"--eval-split must be in [0, 1); got {config.eval_split}"),
-        (config.quantize is None or config.quantize in QUANTIZE_CHOICES,
-         f"--quantize must be one of {', '.join(QUANTIZE_CHOICES)}; got {config.quantize!r}"),
     ]
     for ok, message in checks:
         if not ok:
             raise HatrackError(message)
+    if config.quantize is not None:
+        check_quantize(config.quantize)
     adapter_format.check_rank(config.rank, field_name="--rank")  # refused here, not after training
 
 
@@ -180,7 +181,7 @@ def train(config: TrainConfig, registry: Registry, *, progress: bool = True) -> 
         parent_dir = registry.open_artifact(parent.sha256)
     base = basemodel.ensure_base(registry, base_name)
 
-    from transformers import AutoTokenizer, GenerationConfig, set_seed
+    from transformers import AutoTokenizer, set_seed
 
     from hatrack.trainer import evaluation, loop, runtime as rt
 
@@ -188,11 +189,7 @@ def train(config: TrainConfig, registry: Registry, *, progress: bool = True) -> 
     tokenizer = AutoTokenizer.from_pretrained(base.path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    try:
-        gen_config = GenerationConfig.from_pretrained(base.path)
-    except OSError:
-        gen_config = None
-    eot_ids = end_of_turn_ids(tokenizer, gen_config)
+    eot_ids = end_of_turn_ids(tokenizer, load_generation_config(base.path))
     eot_name = tokenizer.convert_ids_to_tokens(sorted(eot_ids)[0]) if eot_ids else "(none)"
 
     train_rows, heldout = data_mod.split(dataset.examples, config.eval_split, config.seed)
@@ -293,8 +290,6 @@ def evaluate(registry: Registry, ref: str, data: str, *, quantize: str | None = 
     """Score version `ref` (NAME or NAME@V) and its base on `data`; add the scores to
     that version with split "eval:<file name>". `quantize` scores both at a serving
     precision (nf4, int8, none); by default at the precision the version was trained at."""
-    from hatrack.trainer.runtime import check_quantize
-
     if quantize is not None:
         check_quantize(quantize)
     record = registry.version_of(ref)
@@ -304,8 +299,6 @@ def evaluate(registry: Registry, ref: str, data: str, *, quantize: str | None = 
         raise HatrackError(f"{record.label} was trained on another {base.name} (fingerprint differs); not scoring it")
     adapter_dir = registry.open_artifact(record.sha256)
 
-    from transformers import GenerationConfig
-
     from hatrack.trainer import evaluation, runtime as rt
 
     trained_at = record.quantization if record.quantization in rt.QUANTIZE_CHOICES else None
@@ -313,11 +306,7 @@ def evaluate(registry: Registry, ref: str, data: str, *, quantize: str | None = 
     _say(progress, f"scoring {record.label} and {base.name} on {dataset.label} ({dataset.rows} rows) "
                    f"at {runtime.precision} ...")
     model, tokenizer = rt.load_for_eval(Path(base.path), runtime, adapter_dir)
-    try:
-        gen_config = GenerationConfig.from_pretrained(base.path)
-    except OSError:
-        gen_config = None
-    eot_ids = end_of_turn_ids(tokenizer, gen_config)
+    eot_ids = end_of_turn_ids(tokenizer, load_generation_config(base.path))
     max_length = int((record.train_config or {}).get("max_length") or 1024)
     mine, theirs, _ = evaluation.score_both(model, tokenizer, dataset.examples, eot_ids, max_length)
     scores = to_scores(mine, theirs, dataset.sha256, f"eval:{dataset.label}", runtime.precision)
