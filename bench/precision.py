@@ -94,7 +94,7 @@ def main() -> None:
     os.environ.pop("HATRACK_DB_URL", None)
     os.environ.setdefault("HATRACK_BASES_DIR", str(HERE.parent / ".test-cache" / "bases"))
 
-    from serve import _cpu_name, drive
+    from serve import _cpu_name, drive, report
     from serving import ServerProcess
 
     from hatrack import basemodel
@@ -181,10 +181,7 @@ def main() -> None:
         for name in cases:
             q, a = accuracy[mode][name]["example"]
             lines.append(f"- {mode}, {name}: {q!r} -> {a!r}")
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    report(lines, args.out)
 
 
 if __name__ == "__main__":

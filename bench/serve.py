@@ -126,6 +126,14 @@ def time_to_new_adapter(url: str, registry, folder: Path, base: str) -> float:
     return time.perf_counter() - t - warm
 
 
+def report(lines: list[str], out: Path | None) -> None:
+    """Print a benchmark's markdown lines, and write them to `out` when given."""
+    text = "\n".join(lines)
+    print(text)
+    if out:
+        out.write_text(text + "\n")
+
+
 def _median_run(runs: list[dict]) -> dict:
     return {key: statistics.median(r[key] for r in runs) for key in runs[0]}
 
@@ -213,10 +221,7 @@ def main() -> None:
                      "base-only, mixed and naive runs")
     lines.append(f"\nregistration -> first answer of a new adapter, beyond the answer itself: "
                  f"**{new_adapter_s:.3f} s** (target < 1 s)")
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    report(lines, args.out)
 
 
 if __name__ == "__main__":
