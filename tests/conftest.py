@@ -124,6 +124,24 @@ def make_adapter(tmp_path: Path):
 # ---------------------------------------------------------------- registry test helpers
 
 
+def hatrack_cli(base_env: dict[str, str]):
+    """`run(*args, ok=True, env=None)`: the real `hatrack` console script under base_env
+    (plus env); with ok, a non-zero exit fails the test with hatrack's stderr."""
+    import subprocess
+    import sys
+
+    hatrack = str(Path(sys.executable).with_name("hatrack"))
+
+    def run(*args: str, ok: bool = True, env: dict | None = None) -> "subprocess.CompletedProcess":
+        proc = subprocess.run([hatrack, *args], env={**base_env, **(env or {})}, capture_output=True,
+                              text=True, timeout=120)
+        if ok:
+            assert proc.returncode == 0, f"hatrack {' '.join(args)}: {proc.stderr}"
+        return proc
+
+    return run
+
+
 def tiny_registry(tiny_base_dir: Path, name: str = "tiny"):
     """A Registry on the current HATRACK_HOME with the tiny base added as `name`."""
     from hatrack import basemodel

@@ -11,9 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import tiny_registry, write_peft_adapter
+from conftest import hatrack_cli, tiny_registry, write_peft_adapter
 
-HATRACK = str(Path(sys.executable).with_name("hatrack"))
 TARGETS = ["q_proj", "v_proj"]
 
 
@@ -23,13 +22,7 @@ def cli(hatrack_home: Path, tiny_base_dir: Path):
     env.pop("HATRACK_DB_URL", None)
     env.pop("HATRACK_MAX_RANK", None)
 
-    def run(*args: str, ok: bool = True, extra_env: dict | None = None) -> subprocess.CompletedProcess:
-        proc = subprocess.run([HATRACK, *args], env={**env, **(extra_env or {})}, capture_output=True,
-                              text=True, timeout=120)
-        if ok:
-            assert proc.returncode == 0, f"hatrack {' '.join(args)}: {proc.stderr}"
-        return proc
-
+    run = hatrack_cli(env)
     run("base", "add", "tiny", str(tiny_base_dir))
     return run
 
@@ -111,8 +104,8 @@ def test_rank_above_the_limit_is_refused_unless_the_limit_is_raised(cli, tiny_ba
     _assert_refused(proc, "rank 72 (r) is above the servable rank limit 64 (set HATRACK_MAX_RANK=72", hatrack_home, cli)
 
     raised = {"HATRACK_MAX_RANK": "96"}
-    assert "max rank 96" in cli("base", "list", extra_env=raised).stdout
-    assert "acme@1" in cli("register", str(big), "--name", "acme", "--base", "tiny", extra_env=raised).stdout
+    assert "max rank 96" in cli("base", "list", env=raised).stdout
+    assert "acme@1" in cli("register", str(big), "--name", "acme", "--base", "tiny", env=raised).stdout
     info = json.loads(cli("show", "acme", "--json").stdout)
     assert info["lora"] == {"rank": 72, "alpha": 72.0, "target_modules": ["q_proj"], "use_rslora": False,
                             "modules": 2}

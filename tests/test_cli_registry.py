@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import adapter_variant, write_peft_adapter
+from conftest import adapter_variant, hatrack_cli, write_peft_adapter
 
 HATRACK = str(Path(sys.executable).with_name("hatrack"))
 
@@ -17,17 +17,8 @@ HATRACK = str(Path(sys.executable).with_name("hatrack"))
 @pytest.fixture()
 def cli(hatrack_home: Path, default_base_dir: Path):
     # the default base is already converted in the test cache: point hatrack at it
-    base_env = dict(os.environ, HATRACK_HOME=str(hatrack_home), HATRACK_BASES_DIR=str(default_base_dir.parent),
-               COLUMNS="200")
-
-    def run(*args: str, ok: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
-        proc = subprocess.run([HATRACK, *args], env={**base_env, **(env or {})}, capture_output=True,
-                              text=True, timeout=120)
-        if ok:
-            assert proc.returncode == 0, f"hatrack {' '.join(args)}: {proc.stderr}"
-        return proc
-
-    return run
+    return hatrack_cli(dict(os.environ, HATRACK_HOME=str(hatrack_home),
+                            HATRACK_BASES_DIR=str(default_base_dir.parent), COLUMNS="200"))
 
 
 def test_registry_walkthrough(cli, tiny_base_dir: Path, tmp_path: Path):
