@@ -82,6 +82,30 @@ def _gate(session: Session, target: AdapterVersion, current: Alias | None) -> No
         )
 
 
+def gate_numbers(reg: "Registry", name: str, version: int) -> dict:
+    """What the prod gate would compare for promoting name@version, read-only: the
+    version's eval_loss and where it came from, the base's value on the same rows, and
+    the current prod's comparable value (None where there is none)."""
+    validate_name(name)
+    with reg.session() as session:
+        target = session.exec(
+            select(AdapterVersion).where(AdapterVersion.name == name, AdapterVersion.version == int(version))
+        ).first()
+        if target is None:
+            raise NotFoundError(f"{name!r} has no version {version}")
+        score = latest_score(session, target.id, GATE_METRIC) or _eval_fallback(session, target.id)
+        current = session.exec(select(Alias).where(Alias.name == name, Alias.alias == PROD)).first()
+        prod_value = None
+        if score is not None and current is not None and current.version != target.version:
+            prod_row = session.exec(select(AdapterVersion).where(
+                AdapterVersion.name == name, AdapterVersion.version == current.version)).first()
+            prod_score = _comparable(session, prod_row.id, score) if prod_row else None
+            prod_value = prod_score.value if prod_score else None
+    return {"metric": GATE_METRIC, "value": score.value if score else None,
+            "split": score.split if score else None, "base_value": score.base_value if score else None,
+            "prod_version": current.version if current else None, "prod_value": prod_value}
+
+
 def set_alias(reg: "Registry", name: str, alias: str, version: int, force: bool = False) -> None:
     validate_name(name)
     validate_alias(alias)

@@ -14,6 +14,7 @@ from fastapi import FastAPI
 from fastapi.concurrency import run_in_threadpool
 
 from hatrack.registry import Registry
+from hatrack.server.dashboard import install_dashboard
 from hatrack.server.errors import install_error_handlers
 from hatrack.server.limits import BodyLimit, JSONBodyRoute
 from hatrack.server.openapi import install_openapi
@@ -43,4 +44,5 @@ def create_app(config: ServeConfig | None = None, registry: Registry | None = No
     install_error_handlers(app)
     install_openapi(app)
     install_routes(app)
+    install_dashboard(app, state)
     return app

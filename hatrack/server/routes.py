@@ -18,6 +18,7 @@ from hatrack.server.openapi import (
 )
 from hatrack.server.schemas import ChatCompletionRequest, CompletionRequest, error_body
 from hatrack.server.state import ServerState
+from hatrack.ui.access import COOKIE as UI_COOKIE
 
 
 def app_state(request: Request) -> ServerState:
@@ -39,8 +40,13 @@ def require_ready(state: ServerState) -> None:
 
 def caller(state: ServerState, request: Request):
     """The caller's key record (None on an open server); 401 when it has none that works."""
+    authorization = request.headers.get("authorization")
+    if not authorization and request.headers.get("x-hatrack-ui") and request.cookies.get(UI_COOKIE):
+        # the dashboard's "try it": its signed-in key rides in an HttpOnly SameSite=Strict cookie;
+        # a custom header cannot be sent cross-site without CORS, which this server never grants
+        authorization = f"Bearer {request.cookies[UI_COOKIE]}"
     try:
-        return state.gate.caller(request.headers.get("authorization"))
+        return state.gate.caller(authorization)
     except Unauthorized as err:
         raise APIError(401, str(err), "invalid_request_error", "invalid_api_key") from None
 

@@ -1,0 +1,1 @@
+"""The dashboard: server-rendered pages over the registry (and, inside `hatrack serve`, the engine's stats)."""
