@@ -4,7 +4,9 @@
 # The registry tests run on SQLite and on that server; with HATRACK_TEST_PG_URL set
 # they fail, never skip, when PostgreSQL cannot be reached. An HATRACK_TEST_PG_URL
 # already in the environment names another server to use instead (the way to run
-# this script without root where PostgreSQL is not installed).
+# this script without root where PostgreSQL is not installed). Headless Chromium for the
+# dashboard's browser tests comes the same way (scripts/chromium.sh); where it cannot be
+# installed those tests fail with what is missing.
 # Exit code is pytest's, except that "no tests collected" (5) is a failure too.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -14,6 +16,7 @@ if [ -z "${HATRACK_TEST_PG_URL:-}" ]; then
   HATRACK_TEST_PG_URL="$(bash scripts/postgres.sh)" || { echo "could not start PostgreSQL for the tests" >&2; exit 1; }
 fi
 export HATRACK_TEST_PG_URL
+bash scripts/chromium.sh || echo "continuing without Chromium: the dashboard's browser tests will fail" >&2
 python -m pytest -q -p no:cacheprovider "$@"
 rc=$?
 if [ "$rc" -eq 5 ]; then

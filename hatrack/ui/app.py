@@ -79,6 +79,8 @@ def ui_router(registry: Registry, access: Access, serving: Serving | None = None
 
     @router.get("/login", response_class=HTMLResponse)
     async def login_form(request: Request):
+        if access.open:
+            return _redirect("/")
         return pages.render(request, None, "login.html", open=access.open)
 
     @router.post("/login")
