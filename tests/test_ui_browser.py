@@ -157,7 +157,9 @@ def test_promotion_goes_through_the_gate(rack, driver):
     assert driver.find_element(By.ID, "flash").text == "acme-support@prod -> acme-support@2"
     assert reg.version_of("acme-support@prod").version == 2
     assert "prod" in driver.find_element(By.ID, "alias-history").text
-    screenshot(driver, "promoted")
+    page(driver, f"{ui.url}/ui/")
+    assert "prod" in driver.find_element(By.CSS_SELECTOR, "tr[data-label='acme-support@2']").text
+    screenshot(driver, "rack-promoted")
 
     page(driver, f"{ui.url}/ui/v/acme-support@1")  # 2.2 against prod's 1.9: refused, with both numbers
     assert "current prod acme-support@2 1.9" in driver.find_element(By.ID, "gate").text
