@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import TYPE_CHECKING, Any
 
+from sqlalchemy.orm import defer
 from sqlmodel import select
 
 from hatrack.registry.errors import NotFoundError, RegistryError
@@ -85,7 +86,9 @@ def _sort_key(sort: str):
 def list_versions(reg: "Registry", name: str | None = None, tags: dict[str, str] | None = None,
                   base: str | None = None, sort: str | None = None) -> list[dict]:
     tags = validate_tags(tags)
-    stmt = select(AdapterVersion)
+    # a listing shows none of the big JSON columns (loss curves, configs): not loaded, not decoded
+    stmt = select(AdapterVersion).options(defer(AdapterVersion.train_config), defer(AdapterVersion.train_metrics),
+                                          defer(AdapterVersion.lib_versions))
     if name is not None:
         stmt = stmt.where(AdapterVersion.name == validate_name(name))
     if base is not None:
