@@ -182,6 +182,22 @@ def test_prune_shows_the_plan_then_deletes_it(rack, driver):
     assert "remove acme-support@1" in plan and "keep acme-support@2" in plan
     assert [r["version"] for r in reg.list_versions(name="acme-support")] == [1, 2, 3]  # nothing gone yet
     screenshot(driver, "prune")
+    reg.set_alias("acme-support", "staging", 1)  # the rack changes between plan and confirmation
+    driver.find_element(By.ID, "confirm").click()
+    assert "the plan changed" in driver.find_element(By.ID, "flash").text
+    assert "remove acme-support@1" not in driver.find_element(By.ID, "plan").text  # the new plan is shown
+    assert [r["version"] for r in reg.list_versions(name="acme-support")] == [1, 2, 3]
+    reg.delete_alias("acme-support", "staging")
+    page(driver, f"{ui.url}/ui/prune?name=acme-support&keep_last=1")
     driver.find_element(By.ID, "confirm").click()
     assert "deleted 1 versions" in driver.find_element(By.ID, "flash").text
     assert [r["version"] for r in reg.list_versions(name="acme-support")] == [2, 3]
+
+
+def test_hatrack_ui_imports_no_torch():
+    """`hatrack ui` is the registry's dashboard: it starts without torch or a model."""
+    import subprocess
+    import sys
+
+    code = "import hatrack.ui.app, hatrack.cli.ui_cmd, sys; assert 'torch' not in sys.modules, 'torch'"
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from html import escape
 
-WIDTH, HEIGHT, PAD = 560, 220, 40
+WIDTH, HEIGHT, PAD = 560, 220, 52
 PALETTE = ("#2563eb", "#dc2626", "#059669", "#d97706", "#7c3aed", "#0891b2")
 
 

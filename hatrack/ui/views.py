@@ -9,6 +9,7 @@ from typing import Any
 
 from hatrack.registry import NotFoundError, Registry, parse_ref
 from hatrack.registry.aliases import gate_numbers
+from hatrack.registry.views import lower_is_better
 from hatrack.ui.access import Viewer
 from hatrack.ui.charts import Series, bar_chart, line_chart
 
@@ -127,7 +128,8 @@ def compare_page(reg: Registry, viewer: Viewer, refs: list[str]) -> dict[str, An
         for i in infos:
             v = i["scores"].get(m)
             delta = None if v is None or first.get(m) is None or i is infos[0] else v - first[m]
-            cells.append({"value": v, "delta": delta, "base": i["base_scores"].get(m)})
+            better = None if not delta else (delta < 0) == lower_is_better(m)
+            cells.append({"value": v, "delta": delta, "better": better, "base": i["base_scores"].get(m)})
         score_rows.append({"metric": m, "cells": cells})
     return {"infos": infos, "config_rows": config_rows, "score_rows": score_rows,
             "chart": line_chart([loss_series(i) for i in infos])}
