@@ -31,6 +31,9 @@ def ui(
     app = create_ui_app(registry, open_access=no_auth, api_url=api_url.rstrip("/"))
     print(f"hatrack ui on http://{host}:{port}/ui/ " + ("(open: --no-auth)" if no_auth else "(sign in with an API key)"),
           flush=True)
+    if not no_auth and not registry.has_keys():
+        print("warning: no API keys exist yet, so nobody can sign in: create an admin key with "
+              "`hatrack keys create --tenant ops --allow '*'`, or restart with --no-auth", flush=True)
     uvicorn.run(app, host=host, port=port, log_level=log_level)
 
 
