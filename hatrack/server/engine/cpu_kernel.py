@@ -10,6 +10,7 @@ falls back to torch ops and says so once in the log; HATRACK_CPU_KERNEL=0 turns 
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import logging
 import os
@@ -74,10 +75,47 @@ def load() -> Any | None:
             name = build_name()
             folder = cache_dir() / name
             folder.mkdir(parents=True, exist_ok=True)
-            module = build(name=name, sources=[str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=LDFLAGS, build_directory=str(folder),
-                           verbose=False)
+            with _build_lock(folder):
+                source = _stable_source(folder)
+                module = build(name=name, sources=[str(source)], extra_cflags=CFLAGS, extra_ldflags=LDFLAGS,
+                               build_directory=str(folder), verbose=False)
         except Exception as exc:  # no compiler, no ninja, a read-only cache: torch ops instead
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             log.warning("CPU LoRA kernel unavailable (%s); using torch ops, slower for mixed batches", first[:300])
         _loaded["module"] = module
         return module
+
+
+class _build_lock:
+    """An flock on the build folder, held while building or loading. The kernel releases it
+    when its holder dies, so whoever holds it knows no other build is running: a `lock`
+    file torch's builder left there (its holder was killed mid-compile) is stale, and
+    torch would otherwise wait for it forever."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.handle = None
+
+    def __enter__(self) -> None:
+        self.handle = open(self.folder / ".hatrack-build.lock", "w")
+        fcntl.flock(self.handle, fcntl.LOCK_EX)
+        stale = self.folder / "lock"
+        if stale.exists():
+            log.warning("removing a stale kernel build lock left by a killed build: %s", stale)
+            stale.unlink(missing_ok=True)
+
+    def __exit__(self, *exc) -> None:
+        fcntl.flock(self.handle, fcntl.LOCK_UN)
+        self.handle.close()
+
+
+def _stable_source(folder: Path) -> Path:
+    """The source copied into the build folder: torch's build file records the source's
+    path, so building from each checkout's own path would rebuild for every checkout."""
+    copy = folder / SOURCE.name
+    data = SOURCE.read_bytes()
+    if not copy.exists() or copy.read_bytes() != data:
+        tmp = copy.with_suffix(".tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, copy)
+    return copy
