@@ -1,5 +1,5 @@
 """A loopback Hugging Face Hub for tests: a FastAPI app answering the routes huggingface_hub's
-HfApi.create_repo / create_branch / create_commit (preupload + commit), model_info /
+HfApi.create_repo / create_branch / create_commit (validate-yaml, preupload, commit), model_info /
 repo_info, list_repo_tree / list_repo_files and hf_hub_download / snapshot_download use,
 with the headers the client reads (ETag, X-Repo-Commit, X-Error-Code). Files are stored
 on disk in a folder (blobs by git oid, one JSON state file per repository). Every file is
@@ -45,6 +45,7 @@ class HubState:
         self.token = token
         self.lock = threading.Lock()
         self.seen_auth: list[str | None] = []  # the Authorization header of every request
+        self.validated: list[str] = []  # README.md contents validate-yaml accepted
 
     def _path(self, repo_id: str) -> Path:
         return self.root / "repos" / f"{repo_id}.json"
@@ -97,6 +98,23 @@ def create_app(state: HubState, base_url: str) -> FastAPI:
     async def record_auth(request: Request, call_next):
         state.seen_auth.append(request.headers.get("authorization"))
         return await call_next(request)
+
+    @app.post("/api/validate-yaml")
+    async def validate_yaml(request: Request):
+        """create_commit sends README.md here first. The Hub's own schema is not available
+        offline: this checks what huggingface_hub's parser checks (a YAML mapping, a
+        well-formed model-index with complete eval results), strictly."""
+        from huggingface_hub import ModelCard
+
+        body = await request.json()
+        try:
+            card = ModelCard(body["content"], ignore_metadata_errors=False)
+            if body.get("repoType", "model") == "model":
+                card.data.to_dict()
+        except Exception as exc:  # the parser's own words go back as the Hub's error list
+            return JSONResponse({"errors": [{"message": f"{type(exc).__name__}: {exc}"}]}, status_code=400)
+        state.validated.append(body["content"])
+        return {"warnings": []}
 
     @app.post("/api/repos/create")
     async def create_repo(request: Request):

@@ -42,7 +42,7 @@ def eval_results(info: dict[str, Any]) -> list:
         dataset_type, dataset_name = _dataset_of(row, info)
         common = dict(task_type=TASK, dataset_type=dataset_type, dataset_name=dataset_name,
                       dataset_split=row.get("split"), dataset_revision=row.get("dataset_sha256"),
-                      metric_type=row["metric"], source_name="hatrack")
+                      metric_type=row["metric"])
         args = {k: v for k, v in (("precision", row.get("precision")), ("rows", row.get("rows"))) if v is not None}
         results.append(EvalResult(**common, metric_value=row["value"], metric_name=f"{row['metric']} (adapter)",
                                   metric_args={"model": "adapter", **args}))
