@@ -178,6 +178,10 @@ def test_without_a_network_push_and_pull_fail_in_one_line(rack):
         lines = proc.stderr.splitlines()
         assert len(lines) == 1 and lines[0].startswith(
             f"error: cannot reach the Hugging Face Hub at {closed} (HF_ENDPOINT) to "), proc.stderr
+    # a malformed repository id is refused before any connection is tried
+    proc = rack.cli("pull", "acme-support-lora", "--name", "offline", ok=False, env={"HF_ENDPOINT": closed})
+    assert proc.returncode == 1 and proc.stderr.splitlines() == [
+        "error: 'acme-support-lora': not a Hub repository id (expected OWNER/NAME, e.g. acme/support-lora)"]
 
 
 def test_push_of_a_base_without_a_hub_id_is_refused_with_the_reason(rack, hub: LoopbackHub, tmp_path: Path):
