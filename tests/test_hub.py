@@ -39,7 +39,8 @@ def rack(tmp_path_factory, tiny_base_dir: Path, default_base_dir: Path, hub: Loo
         record = reg.register(
             folder, name="acme", base="tiny", tags={"customer": "acme"},
             dataset=DatasetInfo(DATASET_SHA, 120, "/data/acme-bikes.jsonl"),
-            train_config={"rank": 4, "alpha": 8, "lr": 0.0002, "epochs": 1}, seed=7,
+            train_config={"data": "/data/acme-bikes.jsonl", "rank": 4, "alpha": 8, "lr": 0.0002, "epochs": 1},
+            seed=7,
             train_metrics={"final_loss": 1.1, "steps": 30, "runtime_s": 4.2},
             scores=[ScoreIn("eval_loss", 1.25, 2.5, DATASET_SHA, rows=12, precision="fp32"),
                     ScoreIn("perplexity", 3.49, 12.18, DATASET_SHA, rows=12, precision="fp32")])
@@ -88,6 +89,7 @@ def test_push_then_pull_round_trip(rack, hub: LoopbackHub, tmp_path: Path):
                    ("perplexity", "adapter"): 3.49, ("perplexity", "base"): 12.18}
     assert {r.dataset_revision for r in results} == {DATASET_SHA}
     assert DATASET_SHA in card.text and '"lr": 0.0002' in card.text and "120 rows" in card.text
+    assert "acme-bikes.jsonl" in card.text and "/data/" not in card.text  # no local paths published
     config = json.loads(_download(hub, "acme-org/acme-support-lora", "adapter_config.json", tmp_path).read_text())
     assert config["base_model_name_or_path"] == "acme-org/tiny-llama"
     lineage = json.loads(_download(hub, "acme-org/acme-support-lora", "hatrack.json", tmp_path).read_text())
@@ -101,7 +103,7 @@ def test_push_then_pull_round_trip(rack, hub: LoopbackHub, tmp_path: Path):
     assert pulled["origin"] == {"kind": "hub", "endpoint": hub.url, "repo_id": "acme-org/acme-support-lora",
                                 "revision": "main", "commit": pushed["commit"],
                                 "pushed_from": {"label": "acme@1", "sha256": rack.record.sha256}}
-    assert pulled["dataset"] == {"sha256": DATASET_SHA, "rows": 120, "source": "/data/acme-bikes.jsonl"}
+    assert pulled["dataset"] == {"sha256": DATASET_SHA, "rows": 120, "source": "acme-bikes.jsonl"}
     assert pulled["train_config"]["lr"] == 0.0002 and pulled["score_rows"] == []
 
     # unchanged files make no commit; a new tag changes the card, so a push to a branch commits it there

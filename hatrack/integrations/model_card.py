@@ -6,11 +6,39 @@ lineage record, hatrack.json. Both are made from `Registry.version_info`."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
 LINEAGE_FORMAT = "hatrack.lineage/1"
 TASK = "text-generation"
+
+
+def public_path(value: Any) -> Any:
+    """A local file path as its file name: a published card must not show someone's disk.
+    Hub ids (owner/name, no extension) and other values pass unchanged."""
+    if not isinstance(value, str) or not value:
+        return value
+    if value.startswith("eval:"):
+        return "eval:" + public_path(value[len("eval:"):])
+    if re.match(r"^[a-z][a-z0-9+.-]+:", value):  # pypi:..., hf://...: a name, not a path
+        return value
+    if value.startswith(("/", "~", "./", "../")) or ("/" in value and Path(value).suffix) or "\\" in value:
+        return Path(value.replace("\\", "/")).name
+    return value
+
+
+def public_info(info: dict[str, Any]) -> dict[str, Any]:
+    """version_info with local paths (dataset source, training data, base folder, eval
+    files) reduced to file names, for what is pushed."""
+    out = dict(info)
+    if out.get("dataset"):
+        out["dataset"] = {**out["dataset"], "source": public_path(out["dataset"].get("source"))}
+    if out.get("train_config"):
+        out["train_config"] = {k: public_path(v) for k, v in out["train_config"].items()}
+    out["base_source"] = public_path(out.get("base_source"))
+    out["score_rows"] = [{**row, "split": public_path(row.get("split"))} for row in out.get("score_rows") or []]
+    return out
 
 
 def shown_scores(info: dict[str, Any]) -> list[dict[str, Any]]:
@@ -78,6 +106,7 @@ def build_card(info: dict[str, Any], base_model: str, repo_id: str):
     """The README.md of a pushed adapter, as a huggingface_hub ModelCard."""
     from huggingface_hub import ModelCard
 
+    info = public_info(info)
     data = card_data(info, base_model, repo_id)
     return ModelCard(f"---\n{data.to_yaml()}\n---\n{_body(info, base_model, repo_id)}")
 
@@ -143,6 +172,7 @@ def lineage(info: dict[str, Any], base_model: str) -> dict[str, Any]:
     """hatrack.json: what the registry knows of the version, for whoever pulls it."""
     import hatrack
 
+    info = public_info(info)
     return {
         "format": LINEAGE_FORMAT,
         "hatrack_version": getattr(hatrack, "__version__", None),
