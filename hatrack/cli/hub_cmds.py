@@ -47,7 +47,7 @@ def pull(
 ) -> None:
     """Download an adapter from the Hugging Face Hub (adapter_config.json, adapter_model.safetensors,
     README.md, hatrack.json only) and register it with every `register` check; the version
-    records the repository and the commit it came from. Same as `register hf://REPO_ID` (with an optional @REVISION)."""
+    records the repository and the commit it came from. Same as `register hf://REPO_ID\\[@REVISION]`."""
     pull_into_registry(ref, name=name, base=base, tag=tag, as_json=as_json)
 
 

@@ -163,7 +163,7 @@ def base_add(
 
 def register(
     path: str = typer.Argument(..., help="A PEFT LoRA folder (adapter_config.json + adapter_model.safetensors), "
-                                         "or hf://REPO_ID[@REVISION] to pull one from the Hugging Face Hub."),
+                                         "or hf://REPO_ID\\[@REVISION] to pull one from the Hugging Face Hub."),
     name: str = typer.Option(..., "--name", help="Adapter name, e.g. acme-support."),
     base: Optional[str] = typer.Option(None, "--base", help=f"Base model it was trained on (default: "
                                        f"{settings.DEFAULT_BASE_NAME}; for hf:// the base its hatrack.json or "
@@ -171,7 +171,8 @@ def register(
     tag: Optional[List[str]] = typer.Option(None, "--tag", help="key=value, repeatable."),
     as_json: bool = JSON_OPT,
 ) -> None:
-    """Import a PEFT adapter folder as the next version of NAME, after checking it fits the base."""
+    """Import a PEFT adapter folder (or a Hub repository's, like `hatrack pull`) as the next
+    version of NAME, after checking it fits the base."""
     if path.startswith("hf://"):
         from hatrack.cli.hub_cmds import pull_into_registry
 
