@@ -68,12 +68,19 @@ def refuse_pickles(folder: Path) -> None:
     """A folder without safetensors weights but with pickle files is refused outright
     (beside safetensors weights they are ignored: only the two artifact files are read)."""
     folder = Path(folder)
-    if (folder / WEIGHTS).is_file():
+    if not (folder / WEIGHTS).is_file():
+        refuse_pickle_listing(folder, pickle_files(folder))
+
+
+def refuse_pickle_listing(where: object, names: list[str]) -> None:
+    """refuse_pickles on a listing of file names (a remote repository's files, before
+    anything is downloaded)."""
+    if WEIGHTS in names:
         return
-    pickles = pickle_files(folder)
+    pickles = sorted(n for n in names if Path(n).suffix in PICKLE_SUFFIXES)
     if pickles:
         raise AdapterFormatError(
-            f"{folder}: holds {pickles[0]} but no {WEIGHTS}; pickle files are not loaded for safety "
+            f"{where}: holds {pickles[0]} but no {WEIGHTS}; pickle files are not loaded for safety "
             f"(save the adapter with safetensors)"
         )
 
@@ -368,12 +375,17 @@ def check_servable(folder: Path, max_rank: int | None = None) -> AdapterLayout:
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
+def hub_id(base_source: str | None) -> str | None:
+    """The Hugging Face id a base was added from; None for a local folder or a converted file."""
+    if base_source and _HUB_ID.match(base_source) and not Path(base_source).expanduser().exists():
+        return base_source
+    return None
+
+
 def base_reference(base_name: str, base_source: str | None) -> str:
     """How a stored adapter config names its base: the Hugging Face id when the base
     came from the Hub, else the registry's base name; never a local path."""
-    if base_source and _HUB_ID.match(base_source) and not Path(base_source).expanduser().exists():
-        return base_source
-    return base_name
+    return hub_id(base_source) or base_name
 
 
 def config_naming_base(folder: Path, base_ref: str) -> bytes:

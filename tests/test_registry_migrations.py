@@ -201,13 +201,14 @@ def test_v1_registry_upgrades_in_place_without_loss(old_registry: OldRegistry, t
     old = old_registry
     assert _version(old.url) == 1
     reg = Registry()
-    assert _version(old.url) == migrations.LATEST == 3
+    assert _version(old.url) == migrations.LATEST == 4
     assert_every_row_survived(old)
 
     # the new column is there, and empty for every old score
     with reg.engine.connect() as conn:
         assert conn.execute(text("SELECT count(*), count(rows), count(precision) FROM scores")).one() == (14, 0, 0)
         assert conn.execute(text("SELECT count(*), count(lora) FROM adapter_versions")).one()[1] == 0
+        assert conn.execute(text("SELECT count(origin) FROM adapter_versions")).one()[0] == 0
     assert init_schema(reg.engine) == []  # a second open has nothing to do
 
     # the registry's own views agree with the dump
@@ -265,12 +266,12 @@ def test_newer_registry_is_refused_in_one_line(old_registry: OldRegistry):
     with engine.begin() as conn:
         conn.execute(text("UPDATE schema_version SET version = 99"))
     engine.dispose()
-    with pytest.raises(RegistryError, match=r"schema version 99 is newer than this hatrack understands \(3\)"):
+    with pytest.raises(RegistryError, match=r"schema version 99 is newer than this hatrack understands \(4\)"):
         Registry()
     proc = _cli(old, "list", "--json")
     assert proc.returncode == 1 and proc.stdout == ""
     assert proc.stderr.splitlines() == [
-        "error: registry schema version 99 is newer than this hatrack understands (3): upgrade hatrack"]
+        "error: registry schema version 99 is newer than this hatrack understands (4): upgrade hatrack"]
     assert _version(old.url) == 99
     assert_every_row_survived(old)  # untouched: no rows column was added either
     engine = make_engine(old.url)
@@ -329,7 +330,7 @@ def test_processes_opening_one_old_registry_at_once_upgrade_it_once(old_registry
     assert sorted(v for r in results for v in r["applied"]) == steps
     assert sum(r["seen"] == 1 for r in results) >= 2, f"the openers did not overlap: {results}"
     assert all(r["versions"] == 4 for r in results)
-    assert _version(old.url) == 3
+    assert _version(old.url) == 4
     assert_every_row_survived(old)
 
 
@@ -338,7 +339,7 @@ def test_empty_database_gets_the_latest_schema_directly(registry_db: str, hatrac
     engine = make_engine(url)
     assert init_schema(engine) == []  # created, not stepped through the migrations
     with engine.connect() as conn:
-        assert migrations.read_version(conn) == 3
+        assert migrations.read_version(conn) == 4
         assert "rows" in {c.name for c in _reflect_scores(conn)}
     engine.dispose()
 

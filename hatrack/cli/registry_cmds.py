@@ -162,27 +162,42 @@ def base_add(
 
 
 def register(
-    path: Path = typer.Argument(..., help="A PEFT LoRA folder (adapter_config.json + adapter_model.safetensors)."),
+    path: str = typer.Argument(..., help="A PEFT LoRA folder (adapter_config.json + adapter_model.safetensors), "
+                                         "or hf://REPO_ID\\[@REVISION] to pull one from the Hugging Face Hub."),
     name: str = typer.Option(..., "--name", help="Adapter name, e.g. acme-support."),
-    base: str = typer.Option(settings.DEFAULT_BASE_NAME, "--base", help="Base model it was trained on."),
+    base: Optional[str] = typer.Option(None, "--base", help=f"Base model it was trained on (default: "
+                                       f"{settings.DEFAULT_BASE_NAME}; for hf:// the base its hatrack.json or "
+                                       f"adapter config names, when registered here)."),
     tag: Optional[List[str]] = typer.Option(None, "--tag", help="key=value, repeatable."),
     as_json: bool = JSON_OPT,
 ) -> None:
-    """Import a PEFT adapter folder as the next version of NAME, after checking it fits the base."""
+    """Import a PEFT adapter folder (or a Hub repository's, like `hatrack pull`) as the next
+    version of NAME, after checking it fits the base."""
+    if path.startswith("hf://"):
+        from hatrack.cli.hub_cmds import pull_into_registry
+
+        pull_into_registry(path, name=name, base=base, tag=tag, as_json=as_json)
+        return
+    register_folder(Path(path), name=name, base=base or settings.DEFAULT_BASE_NAME, tags=_tags(tag), as_json=as_json)
+
+
+def register_folder(folder: Path, *, name: str, base: str, tags: dict[str, str], as_json: bool,
+                    origin_note: str = "", **lineage: Any) -> None:
+    """register's one path, for a local folder and for one pulled from the Hub (lineage:
+    origin, dataset, train_config, ... as Registry.register takes them)."""
     from hatrack import basemodel
     from hatrack.registry import validate_name
 
     validate_name(name)
-    tags = _tags(tag)
     reg = _registry()
     basemodel.ensure_base(reg, base)
-    record = reg.register(path, name=name, base=base, tags=tags)
+    record = reg.register(folder, name=name, base=base, tags=tags, **lineage)
     if record.same_artifact:
         typer.echo(f"note: same artifact as {', '.join(record.same_artifact)} (sha256 {record.sha256[:12]})", err=True)
     if as_json:
         _dump(reg.version_info(record.name, record.version))
     else:
-        print(f"registered {record.label}  sha256 {record.sha256[:12]}  {human_size(record.size)}")
+        print(f"registered {record.label}  sha256 {record.sha256[:12]}  {human_size(record.size)}{origin_note}")
 
 
 def list_cmd(

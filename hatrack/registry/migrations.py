@@ -56,10 +56,15 @@ def _v3_precision_and_lora(conn: Connection) -> None:
     add_column(conn, "adapter_versions", "lora", "JSON")
 
 
+def _v4_origin(conn: Connection) -> None:
+    add_column(conn, "adapter_versions", "origin", "JSON")
+
+
 STEPS: tuple[Step, ...] = (
     Step(2, "scores.rows: how many eval rows each score was computed on", _v2_score_rows),
     Step(3, "scores.precision (the base precision a score was measured at) and adapter_versions.lora "
             "(rank, alpha, target modules)", _v3_precision_and_lora),
+    Step(4, "adapter_versions.origin: the Hub repository and commit a pulled version came from", _v4_origin),
 )
 LATEST = FIRST_VERSION + len(STEPS)
 assert [s.to_version for s in STEPS] == list(range(FIRST_VERSION + 1, LATEST + 1)), "steps out of order"

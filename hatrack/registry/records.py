@@ -99,6 +99,7 @@ class VersionRecord:
     sha256: str
     size: int
     lora: dict | None = None  # rank, alpha, target modules, ... from its adapter config
+    origin: dict | None = None  # the Hub repository and commit it was pulled from
     # set by register only: earlier versions of this name holding the same artifact bytes
     same_artifact: tuple[str, ...] = ()
 
@@ -115,7 +116,7 @@ class VersionRecord:
             dataset_sha256=row.dataset_sha256, dataset_rows=row.dataset_rows, dataset_source=row.dataset_source,
             train_config=row.train_config, seed=row.seed, train_metrics=row.train_metrics,
             lib_versions=row.lib_versions, chat_template_sha256=row.chat_template_sha256,
-            sha256=row.sha256, size=row.size, lora=row.lora,
+            sha256=row.sha256, size=row.size, lora=row.lora, origin=row.origin,
         )
 
 

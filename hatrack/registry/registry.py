@@ -129,10 +129,11 @@ class Registry:
                  dataset: DatasetInfo | None = None, train_config: dict | None = None,
                  seed: int | None = None, train_metrics: dict | None = None,
                  chat_template_sha256: str | None = None, lib_versions: dict[str, str] | None = None,
-                 scores: list[ScoreIn] | None = None) -> VersionRecord:
+                 scores: list[ScoreIn] | None = None, origin: dict | None = None) -> VersionRecord:
         """Check that the PEFT folder can be served on `base`, store its artifact (its config
         naming the base, not a local path), record version N+1 with the adapter's shape.
-        The record's same_artifact lists earlier versions of `name` with the same bytes."""
+        The record's same_artifact lists earlier versions of `name` with the same bytes;
+        origin says where the folder came from (the Hub repository and commit of a pull)."""
         validate_name(name)
         tags = validate_tags(tags)
         scores = [_check_score(s) for s in scores or []]
@@ -154,7 +155,7 @@ class Registry:
                 dataset_rows=dataset.rows if dataset else None,
                 dataset_source=dataset.source if dataset else None,
                 train_config=_jsonable(train_config), seed=seed, train_metrics=_jsonable(train_metrics),
-                lib_versions=_jsonable(lib_versions),
+                lib_versions=_jsonable(lib_versions), origin=_jsonable(origin),
                 chat_template_sha256=chat_template_sha256 or base_rec.chat_template_sha256,
             ))
 

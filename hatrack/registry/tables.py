@@ -9,9 +9,10 @@ from typing import Any, Optional
 from sqlalchemy import JSON, BigInteger, Column, ForeignKey, Integer, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
-# 1: the first release; 2: scores.rows; 3: scores.precision and adapter_versions.lora.
+# 1: the first release; 2: scores.rows; 3: scores.precision and adapter_versions.lora;
+# 4: adapter_versions.origin.
 # Steps between versions: migrations.py.
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 
 def utcnow() -> datetime:
@@ -61,6 +62,9 @@ class AdapterVersion(SQLModel, table=True):
     size: int = Field(sa_column=Column(BigInteger, nullable=False))
     # the adapter's own shape, read from its config at register: rank, alpha, targets, ...
     lora: Optional[dict[str, Any]] = Field(default=None, sa_column=Column(JSON))
+    # where the artifact came from when it was not trained or registered from a folder here:
+    # {"kind": "hub", "endpoint", "repo_id", "revision", "commit"} for a Hub pull
+    origin: Optional[dict[str, Any]] = Field(default=None, sa_column=Column(JSON))
 
 
 class Tag(SQLModel, table=True):

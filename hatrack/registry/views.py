@@ -139,6 +139,7 @@ def version_info(reg: "Registry", name: str, version: int) -> dict[str, Any]:
         {"sha256": v.dataset_sha256, "rows": v.dataset_rows, "source": v.dataset_source},
         "train_config": v.train_config, "train_metrics": v.train_metrics, "lib_versions": v.lib_versions,
         "chat_template_sha256": v.chat_template_sha256,
+        "origin": v.origin,
         "artifact": {"sha256": v.sha256, "size": v.size},
         "score_rows": [
             {"metric": s.metric, "value": s.value, "base_value": s.base_value,
