@@ -36,7 +36,7 @@ def main() -> None:
     try:
         app()
     except HatrackError as err:
-        print(f"error: {err}", file=sys.stderr)
+        _print_error(err)
         sys.exit(1)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -44,6 +44,17 @@ def main() -> None:
     except OSError as err:  # a full or read-only disk, a missing folder: one line, not a traceback
         print(f"error: {describe_os_error(err)}", file=sys.stderr)
         sys.exit(1)
+
+
+def _print_error(err: HatrackError) -> None:
+    """One line; in a run of several processes the main one speaks for all, and another
+    says which it is when it alone failed."""
+    from hatrack.trainer.distributed import FailedOnMainProcess, current
+
+    rank = current().rank
+    if isinstance(err, FailedOnMainProcess):
+        return
+    print(f"error: (process {rank}) {err}" if rank else f"error: {err}", file=sys.stderr)
 
 
 if __name__ == "__main__":

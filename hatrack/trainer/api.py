@@ -161,15 +161,57 @@ def _refuse_registered_run(registry: Registry, config: TrainConfig, run_dir: Pat
             )
 
 
-def train(config: TrainConfig, registry: Registry, *, progress: bool = True) -> TrainOutcome:
-    """Train a LoRA adapter on config.data, evaluate it and its base on held-out rows,
-    and register it as the next version of config.name."""
+def check_processes(config: TrainConfig, processes: int) -> None:
+    """--batch-size is rows per step of the whole run, split evenly among its processes."""
+    if processes > 1 and config.batch_size % processes:
+        raise HatrackError(
+            f"--batch-size {config.batch_size} cannot be split evenly among {processes} processes "
+            f"(it is rows per step of the whole run); pass a multiple of {processes}"
+        )
+
+
+def precheck(config: TrainConfig, processes: int = 1) -> data_mod.Dataset:
+    """Every option and every row checked, torch-free (before processes are launched)."""
     _check_config(config)
-    dataset = data_mod.load_dataset(config.data)  # every bad row is reported before anything else
-    config, run_dir, checkpoint = _prepare_run_dir(config, dataset.sha256)
+    if not config.resume:  # a resumed run is held to its own --batch-size, checked then
+        check_processes(config, processes)
+    return data_mod.load_dataset(config.data)  # every bad row is reported before anything else
+
+
+def _prepare_main(registry: Registry, config: TrainConfig, dataset_sha: str,
+                  processes: int) -> tuple[TrainConfig, Path, Path | None]:
+    config, run_dir, checkpoint = _prepare_run_dir(config, dataset_sha)
     if config.resume:
         _refuse_registered_run(registry, config, run_dir)
+        check_processes(config, processes)  # the resumed run's own --batch-size
+    return config, run_dir, checkpoint
 
+
+def train(config: TrainConfig, registry: Registry, *, progress: bool = True) -> TrainOutcome | None:
+    """Train a LoRA adapter on config.data, evaluate it and its base on held-out rows,
+    and register it as the next version of config.name.
+
+    Under `accelerate launch` (several processes) every process calls this: they train
+    on shards of the rows and score shares of the held-out rows, and the main process
+    alone registers the one version; the others return None."""
+    from hatrack.trainer import distributed
+
+    procs = distributed.current()
+    if procs.distributed:
+        procs = distributed.start(basemodel.best_device())
+    try:
+        # checked by the main process first, so a bad option or row is reported once
+        dataset = procs.main_first(lambda: precheck(config, procs.world))
+        # the main process prepares the run folder (a fresh run id, or the checkpoint
+        # to resume from); every process trains with what it decided
+        config, run_dir, checkpoint = procs.from_main(lambda: _prepare_main(registry, config, dataset.sha256, procs.world))
+        return _train(config, registry, dataset, run_dir, checkpoint, procs, progress and procs.is_main)
+    finally:
+        procs.finish()
+
+
+def _train(config: TrainConfig, registry: Registry, dataset: data_mod.Dataset, run_dir: Path,
+           checkpoint: Path | None, procs, progress: bool) -> TrainOutcome | None:
     parent_version, parent_dir = None, None
     base_name = config.base
     if config.parent:
@@ -179,13 +221,15 @@ def train(config: TrainConfig, registry: Registry, *, progress: bool = True) -> 
         parent = registry.version_of(config.parent)
         parent_version, base_name = parent.version, parent.base_name
         parent_dir = registry.open_artifact(parent.sha256)
-    base = basemodel.ensure_base(registry, base_name)
+    base = procs.main_first(lambda: basemodel.ensure_base(registry, base_name))  # converted once
 
     from transformers import AutoTokenizer, set_seed
 
     from hatrack.trainer import evaluation, loop, runtime as rt
 
     runtime = rt.choose_runtime(config.quantize)
+    if procs.distributed and runtime.device == "cuda":
+        runtime = dataclasses.replace(runtime, device=f"cuda:{procs.local_rank}")
     tokenizer = AutoTokenizer.from_pretrained(base.path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -198,7 +242,8 @@ def train(config: TrainConfig, registry: Registry, *, progress: bool = True) -> 
     encoded = [e for e in encoded if e.trained]
     _say(progress, f"{dataset.label}: {dataset.rows} rows ({len(encoded)} train, {len(heldout)} held out), "
                    f"{health.trained_share:.0%} of tokens trained; base {base.name}, "
-                   f"{runtime.device} {str(runtime.dtype).replace('torch.', '')}, quantize {runtime.quantize}")
+                   f"{runtime.device} {str(runtime.dtype).replace('torch.', '')}, quantize {runtime.quantize}"
+                   + (f", {procs.world} processes" if procs.distributed else ""))
 
     set_seed(config.seed)  # LoRA init and data order
     model, tokenizer = rt.load_trainable(
@@ -209,24 +254,26 @@ def train(config: TrainConfig, registry: Registry, *, progress: bool = True) -> 
         max_length=config.max_length, seed=config.seed, save_steps=config.save_steps,
     )
     result = loop.run(model, tokenizer, encoded, runtime, settings_, run_dir, resume_from=checkpoint,
-                      progress=progress, resume_command=resume_command(config))
+                      progress=progress, resume_command=resume_command(config), processes=procs)
 
-    adapter_dir = run_dir / "adapter"
+    scores: list[ScoreIn] = []
+    samples: dict = {}
+    if heldout:  # each process scores its share; all get the scores of every row
+        _say(progress, f"evaluating adapter and base on {len(heldout)} held-out rows ...")
+        mine, theirs, samples = evaluation.score_both(
+            model, tokenizer, heldout, eot_ids, config.max_length, on_stage=None, processes=procs
+        )
+        scores = to_scores(mine, theirs, dataset.sha256, "heldout", runtime.precision)
+    if not procs.is_main:
+        return None  # every process has finished training and scoring; the main one registers
+
+    adapter_dir = run_dir / "adapter"  # the weights are the same in every process (DDP)
     if adapter_dir.exists():
         shutil.rmtree(adapter_dir)
     model.save_pretrained(str(adapter_dir))
     for extra in adapter_dir.iterdir():  # the store takes exactly config + safetensors
         if extra.name not in ("adapter_config.json", "adapter_model.safetensors"):
             extra.unlink() if extra.is_file() else shutil.rmtree(extra)
-
-    scores: list[ScoreIn] = []
-    samples: dict = {}
-    if heldout:
-        _say(progress, f"evaluating adapter and base on {len(heldout)} held-out rows ...")
-        mine, theirs, samples = evaluation.score_both(
-            model, tokenizer, heldout, eot_ids, config.max_length, on_stage=None
-        )
-        scores = to_scores(mine, theirs, dataset.sha256, "heldout", runtime.precision)
 
     metrics: dict[str, Any] = {
         "final_loss": result.final_loss,
@@ -237,8 +284,11 @@ def train(config: TrainConfig, registry: Registry, *, progress: bool = True) -> 
         "trained_token_share": health.as_dict()["trained_token_share"],
         "label_mask": health.as_dict(),
         "train_rows": len(encoded),
+        "rows_seen": result.rows_seen,
+        "distinct_rows_seen": result.distinct_rows_seen,
+        "processes": procs.world,
         "heldout_rows": len(heldout),
-        "device": runtime.device,
+        "device": runtime.device.split(":")[0],
         "compute_dtype": str(runtime.dtype).replace("torch.", ""),
         "resumed": config.resume,
     }

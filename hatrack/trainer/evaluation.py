@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from hatrack.trainer.data import Example
+from hatrack.trainer.distributed import Processes
 from hatrack.trainer.render import IGNORE, Encoded, encode, render_prompt
 
 MAX_NEW_TOKENS = 64
@@ -57,6 +58,13 @@ def _autocast(model):
 
 def eval_loss(model, encoded: list[Encoded], pad_id: int, batch_size: int = 8) -> float:
     """Mean cross-entropy over all trained tokens of `encoded`."""
+    total, count = loss_sums(model, encoded, pad_id, batch_size)
+    return total / count if count else float("nan")
+
+
+def loss_sums(model, encoded: list[Encoded], pad_id: int, batch_size: int = 8) -> tuple[float, int]:
+    """(summed cross-entropy, number of trained tokens) over `encoded`: sums, so the
+    shares of several processes add up to the whole."""
     import torch
 
     total, count = 0.0, 0
@@ -80,7 +88,7 @@ def eval_loss(model, encoded: list[Encoded], pad_id: int, batch_size: int = 8) -
             loss = torch.nn.functional.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE, reduction="sum")
             total += float(loss)
             count += int((shift_labels != IGNORE).sum())
-    return total / count if count else float("nan")
+    return total, count
 
 
 def generate_answers(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, batch_size: int = 16) -> list[str]:
@@ -110,9 +118,15 @@ def generate_answers(model, tokenizer, prompts: list[list[dict]], max_new_tokens
 
 
 def answer_rates(answers: list[str], expected: list[str]) -> tuple[float, float]:
+    exact, contains = answer_counts(answers, expected)
+    return exact / len(expected), contains / len(expected)
+
+
+def answer_counts(answers: list[str], expected: list[str]) -> tuple[int, int]:
+    """(exact matches, answers containing the expected one)."""
     exact = sum(normalise(a) == normalise(e) for a, e in zip(answers, expected))
     contains = sum(normalise(e) in normalise(a) for a, e in zip(answers, expected))
-    return exact / len(expected), contains / len(expected)
+    return exact, contains
 
 
 def score_both(
@@ -123,17 +137,23 @@ def score_both(
     max_length: int,
     batch_size: int = 8,
     on_stage: Callable[[str], None] | None = None,
+    processes: Processes | None = None,
 ) -> tuple[Scores, Scores, dict]:
     """(adapter scores, base scores, samples) on the same rows; the base is the same
-    model with its adapter disabled."""
-    encoded = [encode(tokenizer, e, eot_ids, max_length) for e in examples]
+    model with its adapter disabled. In a run of several processes each scores its
+    share of the rows and the sums are added up, so every process returns the scores
+    of all rows (samples come from this process's share)."""
+    procs = processes or Processes()
+    share = examples[procs.rank :: procs.world]
+    encoded = [encode(tokenizer, e, eot_ids, max_length) for e in share]
     encoded = [e for e in encoded if e.trained]
-    answerable = [e for e in examples if e.expected is not None]
+    answerable = [e for e in share if e.expected is not None]
     prompts = [e.prompt for e in answerable]
     expected = [e.expected for e in answerable]
+    every_expected = [e.expected for e in examples if e.expected is not None]
     max_new = 0
-    if answerable:
-        longest = max(len(tokenizer(x, add_special_tokens=False)["input_ids"]) for x in expected)
+    if every_expected:  # from all rows, so each share generates as far as the whole would
+        longest = max(len(tokenizer(x, add_special_tokens=False)["input_ids"]) for x in every_expected)
         max_new = min(MAX_NEW_TOKENS, longest + 8)
 
     was_training = model.training
@@ -146,15 +166,21 @@ def score_both(
             with ctx:
                 if on_stage:
                     on_stage(f"eval loss ({which})")
-                loss = eval_loss(model, encoded, tokenizer.pad_token_id, batch_size)
-                scores = Scores(eval_loss=loss, perplexity=math.exp(min(loss, 50.0)),
-                                loss_rows=len(encoded), answer_rows=len(answerable))
+                total, count = loss_sums(model, encoded, tokenizer.pad_token_id, batch_size)
+                exact = contains = 0
                 if answerable:
                     if on_stage:
                         on_stage(f"answers ({which})")
                     answers = generate_answers(model, tokenizer, prompts, max_new)
-                    scores.exact_match, scores.contains = answer_rates(answers, expected)
+                    exact, contains = answer_counts(answers, expected)
                     samples[which] = answers[:3]
+            parts = procs.gather((total, count, len(encoded), exact, contains, len(answerable)))
+            total, count, loss_rows, exact, contains, answer_rows = (sum(col) for col in zip(*parts))
+            loss = total / count if count else float("nan")
+            scores = Scores(eval_loss=loss, perplexity=math.exp(min(loss, 50.0)),
+                            loss_rows=loss_rows, answer_rows=answer_rows)
+            if answer_rows:
+                scores.exact_match, scores.contains = exact / answer_rows, contains / answer_rows
             results.append(scores)
     finally:
         if was_training:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from hatrack.errors import HatrackError, describe_os_error
+from hatrack.trainer.distributed import Processes, timeout_s
 from hatrack.trainer.render import Encoded
 from hatrack.trainer.runtime import Runtime
 
@@ -44,8 +45,10 @@ class LoopResult:
     steps: int
     final_loss: float
     runtime_s: float
-    tokens: int  # input tokens processed (no padding)
-    loss_curve: list[list[float]] = field(default_factory=list)
+    tokens: int  # input tokens processed (no padding), by all processes
+    loss_curve: list[list[float]] = field(default_factory=list)  # each step's loss over all processes
+    rows_seen: int = 0  # training rows in this session's batches, all processes together
+    distinct_rows_seen: int = 0
 
     @property
     def tokens_per_s(self) -> float:
@@ -123,9 +126,12 @@ def run(
     resume_from: Path | None = None,
     progress: bool = True,
     resume_command: str = "the same command with --resume",
+    processes: Processes | None = None,
 ) -> LoopResult:
     """Train `model` (a PEFT model) in place; return what the run measured.
-    `resume_command` is what an interrupted run tells the user to run."""
+    `resume_command` is what an interrupted run tells the user to run. With several
+    processes, `settings.batch_size` rows per step are split among them and each
+    epoch's rows are sharded (accelerate's sampler), each row going to one process."""
     import warnings
 
     import datasets
@@ -133,13 +139,16 @@ def run(
 
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\.")
 
+    procs = processes or Processes()
     total = planned_steps(len(train_rows), settings)
-    dataset = datasets.Dataset.from_dict(
-        {"input_ids": [r.input_ids for r in train_rows], "labels": [r.labels for r in train_rows]}
-    )
+    dataset = datasets.Dataset.from_dict({
+        "input_ids": [r.input_ids for r in train_rows],
+        "labels": [r.labels for r in train_rows],
+        "row": list(range(len(train_rows))),  # taken out again by _RowCounter
+    })
     config = SFTConfig(
         output_dir=str(run_dir),
-        per_device_train_batch_size=settings.batch_size,
+        per_device_train_batch_size=settings.batch_size // procs.world,
         num_train_epochs=settings.epochs,
         max_steps=settings.max_steps or -1,
         learning_rate=settings.lr,
@@ -165,6 +174,8 @@ def run(
         remove_unused_columns=False,
         dataset_num_proc=None,
         optim="adamw_torch",
+        ddp_timeout=timeout_s(),
+        ddp_find_unused_parameters=False,  # every LoRA weight takes part in every forward
         # padding-free batches hold no padding; padded ones are counted by their attention mask
         include_num_input_tokens_seen="all" if settings.padding_free else "non_padding",
     )
@@ -180,6 +191,8 @@ def run(
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # our bar shows the loss; no dict per step on stdout
+    counter = _RowCounter(trainer.data_collator)
+    trainer.data_collator = counter
     start_tokens = 0
     if resume_from is not None:
         import json
@@ -195,7 +208,9 @@ def run(
             raise KeyboardInterrupt
         stop_flag["stop"] = True
 
-    previous = signal.signal(signal.SIGINT, _on_sigint) if _main_thread() else None
+    # several processes: the launcher stops them all on Ctrl-C (at once, so no
+    # checkpoint then); the --save-steps checkpoints are what --resume carries on from
+    previous = signal.signal(signal.SIGINT, _on_sigint) if _main_thread() and not procs.distributed else None
     started = time.perf_counter()
     try:
         trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
@@ -215,7 +230,8 @@ def run(
             f"interrupted at step {state.global_step} of {total}; {kept}; to carry on, run: {resume_command}"
         )
     curve = [[int(e["step"]), float(e["loss"])] for e in state.log_history if "loss" in e and "step" in e]
-    tokens = int(state.num_input_tokens_seen) - start_tokens  # by this process (runtime_s is too)
+    tokens = int(state.num_input_tokens_seen) - start_tokens  # counted over all processes
+    seen = [row for rows in procs.gather(counter.rows) for row in rows]
     trainer.accelerator.free_memory()
     return LoopResult(
         steps=state.global_step,
@@ -223,7 +239,23 @@ def run(
         runtime_s=runtime_s,
         tokens=tokens,
         loss_curve=curve,
+        rows_seen=len(seen),
+        distinct_rows_seen=len(set(seen)),
     )
+
+
+class _RowCounter:
+    """The trainer's collator, noting which rows this process was given (each
+    epoch's rows are sharded among the processes, so together they see each once)."""
+
+    def __init__(self, collate) -> None:
+        self.collate = collate
+        self.rows: list[int] = []
+
+    def __call__(self, features: list[dict]):
+        features = [dict(f) for f in features]
+        self.rows += [int(f.pop("row")) for f in features]
+        return self.collate(features)
 
 
 def _main_thread() -> bool:
