@@ -11,6 +11,8 @@ from typing import Any, List, Optional
 
 import typer
 
+from hatrack.errors import HatrackError
+
 
 def _tags(pairs: Optional[List[str]]) -> dict[str, str]:
     from hatrack.registry.names import parse_tag
@@ -55,17 +57,36 @@ def _train_parameters() -> list[inspect.Parameter]:
                                         annotation=annotation))
     json_option = typer.Option(False, "--json", help="Print the outcome as JSON.")
     params.append(inspect.Parameter("as_json", inspect.Parameter.KEYWORD_ONLY, default=json_option, annotation=bool))
+    processes_option = typer.Option(
+        1, "--processes", min=1,
+        help="Train in N processes (data-parallel, one per GPU; on CPU they share the cores), "
+             "launched through `accelerate launch --multi_gpu --num_processes N -m hatrack.cli.main train ...`. "
+             "--batch-size stays the rows per step of the whole run.")
+    params.append(inspect.Parameter("processes", inspect.Parameter.KEYWORD_ONLY, default=processes_option,
+                                    annotation=int))
     return params
 
 
-def train(*, as_json: bool = False, **options: Any) -> None:
-    """Train a LoRA adapter on a dataset, evaluate it against its base, register it."""
+def train(*, as_json: bool = False, processes: int = 1, **options: Any) -> None:
+    """Train a LoRA adapter on a dataset, evaluate it against its base, register it.
+
+    Also runs under `accelerate launch` (DDP): the rows are sharded among the processes
+    and the main process registers the one version."""
     from hatrack.registry import Registry
     from hatrack.trainer import TrainConfig
     from hatrack.trainer import train as run_training
 
     config = TrainConfig(**{**options, "tags": _tags(options.get("tags"))})
+    if processes > 1:
+        from hatrack.trainer import api, distributed, launch
+
+        if distributed.current().distributed:
+            raise HatrackError("--processes: this run was already launched in several processes")
+        api.precheck(config, processes)  # a bad option or row is reported once, before any launch
+        raise typer.Exit(launch.run(config, processes, as_json))
     outcome = run_training(config, Registry(), progress=True)
+    if outcome is None:
+        return  # another process of a distributed run: the main one reports
     if as_json:
         metrics = {k: v for k, v in outcome.metrics.items() if k not in ("loss_curve", "heldout_samples")}
         print(json.dumps({
