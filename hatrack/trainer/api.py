@@ -206,6 +206,11 @@ def train(config: TrainConfig, registry: Registry, *, progress: bool = True) -> 
         # to resume from); every process trains with what it decided
         config, run_dir, checkpoint = procs.from_main(lambda: _prepare_main(registry, config, dataset.sha256, procs.world))
         return _train(config, registry, dataset, run_dir, checkpoint, procs, progress and procs.is_main)
+    except RuntimeError as err:
+        lost = distributed.lost_peer(err) if procs.distributed else None
+        if lost is None:
+            raise
+        raise HatrackError(f"another process of this run is gone ({lost}); nothing was registered") from None
     finally:
         procs.finish()
 

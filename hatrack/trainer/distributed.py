@@ -155,6 +155,18 @@ def start(device: str) -> Processes:
     return procs
 
 
+_PEER_GONE = ("connection reset by peer", "connection closed by peer", "broken pipe", "timed out")
+
+
+def lost_peer(err: BaseException) -> str | None:
+    """The gist of an error a collective raises when another process died or hung, else None."""
+    text = str(err).lower()
+    for gist in _PEER_GONE:
+        if gist in text:
+            return gist
+    return None
+
+
 def threads_per_process(processes: int) -> int:
     """OMP_NUM_THREADS where set (the launcher or the user), else this machine's cores
     shared out among the processes on it."""

@@ -1,7 +1,6 @@
 """`hatrack train --processes N`: the same `hatrack train` run by N processes under
-accelerate's launcher (torch.distributed's elastic agent: it starts the processes,
-and stops them all as soon as one fails). Torch-free: the options and every row are
-checked before anything is launched."""
+torch.distributed's elastic agent, the launcher `accelerate launch --multi_gpu` runs
+(it starts the processes, and stops them all as soon as one fails)."""
 
 from __future__ import annotations
 
@@ -9,10 +8,9 @@ import dataclasses
 import os
 import shlex
 import signal
-import socket
-import subprocess
 import sys
 
+from hatrack.errors import HatrackError
 from hatrack.trainer.api import TrainConfig
 from hatrack.trainer.distributed import cpu_count
 
@@ -42,33 +40,54 @@ def train_argv(config: TrainConfig, as_json: bool) -> list[str]:
     return argv + (["--json"] if as_json else [])
 
 
-def accelerate_command(processes: int, argv: list[str], port: int | None = None) -> list[str]:
+def accelerate_command(processes: int, argv: list[str]) -> list[str]:
     """The `accelerate launch` command line that runs `hatrack <argv>` in `processes` processes."""
-    port_flags = ["--main_process_port", str(port)] if port else []
-    return ["accelerate", "launch", *LAUNCH_FLAGS, "--num_processes", str(processes), *port_flags,
-            "-m", "hatrack.cli.main", *argv]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:  # another run on this machine may hold accelerate's default 29500
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    return ["accelerate", "launch", *LAUNCH_FLAGS, "--num_processes", str(processes), "-m", "hatrack.cli.main", *argv]
 
 
 def run(config: TrainConfig, processes: int, as_json: bool) -> int:
-    """Launch the run; its exit status (non-zero when any process failed)."""
-    command = accelerate_command(processes, train_argv(config, as_json), _free_port())
-    env = dict(os.environ)
+    """Run `hatrack train` in `processes` processes on this machine, through
+    torch.distributed's elastic agent (what `accelerate launch --multi_gpu` runs);
+    0 when all finished. A process that fails stops the others; its own error line
+    is the one printed, else one line here says which process ended and how."""
+    import logging
+    import uuid
+
+    argv = train_argv(config, as_json)
+    if not as_json:
+        print(f"training in {processes} processes, as: {shlex.join(accelerate_command(processes, argv))}",
+              file=sys.stderr, flush=True)
     # each process gets its share of the cores; left alone, every one would use all
     # of them and they would spin against each other
-    env.setdefault("OMP_NUM_THREADS", str(max(1, cpu_count() // processes)))
-    if not as_json:
-        print(f"launching {processes} processes: {shlex.join(command)}", file=sys.stderr, flush=True)
-    # Ctrl-C reaches the launcher and its processes from the terminal; this process
-    # only waits for them
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, cpu_count() // processes)))
+
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # its failure report: ours below
+    launch = LaunchConfig(
+        min_nodes=1, max_nodes=1, nproc_per_node=processes, run_id=uuid.uuid4().hex,
+        rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0",  # a free port, as torchrun --standalone
+        max_restarts=0, monitor_interval=0.1,
+    )
     try:
-        proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", *command[2:]], env=env)
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    return proc.returncode if proc.returncode >= 0 else 128 - proc.returncode
+        elastic_launch(launch, sys.executable)("-m", "hatrack.cli.main", *argv)
+    except SignalException:  # Ctrl-C (or a TERM): the agent has stopped the processes
+        raise KeyboardInterrupt from None
+    except ChildFailedError as err:
+        rank, failure = err.get_first_failure()
+        if failure.exitcode == 1:
+            return 1  # hatrack's error line, printed by that process
+        raise HatrackError(f"process {rank} of {processes} {_how_it_ended(failure.exitcode)}; "
+                           "the other processes were stopped") from None
+    return 0
+
+
+def _how_it_ended(exitcode: int) -> str:
+    if exitcode < 0:
+        try:
+            return f"was killed by {signal.Signals(-exitcode).name}"
+        except ValueError:
+            return f"was killed by signal {-exitcode}"
+    return f"exited with status {exitcode}"

@@ -47,7 +47,7 @@ class LoopResult:
     runtime_s: float
     tokens: int  # input tokens processed (no padding), by all processes
     loss_curve: list[list[float]] = field(default_factory=list)  # each step's loss over all processes
-    rows_seen: int = 0  # training rows in this session's batches, all processes together
+    rows_seen: int = 0  # training rows in the run's batches, all processes (and resumed-from sessions) together
     distinct_rows_seen: int = 0
 
     @property
@@ -191,14 +191,14 @@ def run(
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # our bar shows the loss; no dict per step on stdout
-    counter = _RowCounter(trainer.data_collator)
-    trainer.data_collator = counter
+    start_step = 0
     start_tokens = 0
     if resume_from is not None:
         import json
 
         saved = json.loads((resume_from / "trainer_state.json").read_text())
         start_tokens = int(saved.get("num_input_tokens_seen", 0))
+        start_step = int(saved.get("global_step", 0))
         if progress:
             print(f"resuming from step {int(saved.get('global_step', 0))} of {total} (checkpoint {resume_from})",
                   file=sys.stderr, flush=True)
@@ -208,6 +208,9 @@ def run(
             raise KeyboardInterrupt
         stop_flag["stop"] = True
 
+    counter = _RowCounter(trainer.data_collator, procs, _rows_before(resume_from), start_step)
+    trainer.data_collator = counter
+    trainer.add_callback(counter.saver())
     # several processes: the launcher stops them all on Ctrl-C (at once, so no
     # checkpoint then); the --save-steps checkpoints are what --resume carries on from
     previous = signal.signal(signal.SIGINT, _on_sigint) if _main_thread() and not procs.distributed else None
@@ -231,7 +234,7 @@ def run(
         )
     curve = [[int(e["step"]), float(e["loss"])] for e in state.log_history if "loss" in e and "step" in e]
     tokens = int(state.num_input_tokens_seen) - start_tokens  # counted over all processes
-    seen = [row for rows in procs.gather(counter.rows) for row in rows]
+    seen = counter.all_rows(state.global_step)
     trainer.accelerator.free_memory()
     return LoopResult(
         steps=state.global_step,
@@ -244,18 +247,57 @@ def run(
     )
 
 
-class _RowCounter:
-    """The trainer's collator, noting which rows this process was given (each
-    epoch's rows are sharded among the processes, so together they see each once)."""
+ROWS_FILE = "hatrack-rows.json"
 
-    def __init__(self, collate) -> None:
+
+def _rows_before(checkpoint: Path | None) -> list[int]:
+    """The rows the run had trained on up to `checkpoint` (written there by _RowCounter)."""
+    import json
+
+    if checkpoint is None or not (checkpoint / ROWS_FILE).is_file():
+        return []
+    return [int(r) for r in json.loads((checkpoint / ROWS_FILE).read_text())]
+
+
+class _RowCounter:
+    """The trainer's collator, noting which rows this process was given (each epoch's
+    rows are sharded among the processes, so together they see each once). Every
+    checkpoint records the rows of all processes so far, so a resumed run counts the
+    whole run's."""
+
+    def __init__(self, collate, procs: Processes, before: list[int], start_step: int) -> None:
         self.collate = collate
-        self.rows: list[int] = []
+        self.procs = procs
+        self.before = before
+        self.start_step = start_step
+        self.batches: list[list[int]] = []
 
     def __call__(self, features: list[dict]):
         features = [dict(f) for f in features]
-        self.rows += [int(f.pop("row")) for f in features]
+        self.batches.append([int(f.pop("row")) for f in features])
         return self.collate(features)
+
+    def all_rows(self, global_step: int) -> list[int]:
+        """Every process's rows up to `global_step` (all processes call this together).
+        One batch a step; the data loader collates one batch ahead, which is not counted."""
+        mine = [row for batch in self.batches[: global_step - self.start_step] for row in batch]
+        return self.before + [row for rows in self.procs.gather(mine) for row in rows]
+
+    def saver(self):
+        from transformers import TrainerCallback
+
+        counter = self
+
+        class SaveRows(TrainerCallback):
+            def on_save(self, args, state, control, **kw):
+                import json
+
+                rows = counter.all_rows(state.global_step)
+                folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+                if counter.procs.is_main and folder.is_dir():
+                    (folder / ROWS_FILE).write_text(json.dumps(rows))
+
+        return SaveRows()
 
 
 def _main_thread() -> bool:
