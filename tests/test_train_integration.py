@@ -104,3 +104,18 @@ def test_bad_data_is_refused_before_training(registry, tmp_path):
     )
     assert "Traceback" not in proc.stderr and proc.stdout == ""
     assert time.time() - started < 60 and registry.list_versions(name="acme-support") == []
+
+
+def test_two_process_run_registers_once_and_beats_the_base(registry, tmp_path):
+    data = tmp_path / "acme.jsonl"
+    shutil.copy(example_path("acme-bikes"), data)
+    proc = _hatrack("train", "--data", str(data), "--name", "acme-support", "--processes", "2", "--max-steps", "2",
+                    "--eval-split", "0.05", "--json", timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout)
+    assert out["version"] == 1 and [v["version"] for v in registry.list_versions(name="acme-support")] == [1]
+    rec = registry.get_version("acme-support", 1)
+    assert rec.train_metrics["processes"] == 2 and rec.train_metrics["steps"] == 2
+    assert rec.train_metrics["rows_seen"] == rec.train_metrics["distinct_rows_seen"] == 8  # 2 steps of 4 rows
+    scores = {s["metric"]: s for s in out["scores"]}
+    assert scores["eval_loss"]["value"] < scores["eval_loss"]["base_value"]  # as in one process
