@@ -59,8 +59,8 @@ def _train_parameters() -> list[inspect.Parameter]:
     params.append(inspect.Parameter("as_json", inspect.Parameter.KEYWORD_ONLY, default=json_option, annotation=bool))
     processes_option = typer.Option(
         1, "--processes", min=1,
-        help="Train in N processes (data-parallel, one per GPU; on CPU they share the cores), "
-             "launched through `accelerate launch --multi_gpu --num_processes N -m hatrack.cli.main train ...`. "
+        help="Train in N processes (data-parallel, one per GPU; on CPU they share the cores), as "
+             "`accelerate launch --multi_gpu --num_processes N -m hatrack.cli.main train ...` does. "
              "--batch-size stays the rows per step of the whole run.")
     params.append(inspect.Parameter("processes", inspect.Parameter.KEYWORD_ONLY, default=processes_option,
                                     annotation=int))

@@ -54,6 +54,7 @@ def run(config: TrainConfig, processes: int, as_json: bool) -> int:
     import uuid
 
     argv = train_argv(config, as_json)
+    _check_gpus(processes)
     if not as_json:
         print(f"training in {processes} processes, as: {shlex.join(accelerate_command(processes, argv))}",
               file=sys.stderr, flush=True)
@@ -82,6 +83,14 @@ def run(config: TrainConfig, processes: int, as_json: bool) -> int:
         raise HatrackError(f"process {rank} of {processes} {_how_it_ended(failure.exitcode)}; "
                            "the other processes were stopped") from None
     return 0
+
+
+def _check_gpus(processes: int) -> None:
+    import torch
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if gpus and processes > gpus:
+        raise HatrackError(f"--processes {processes}: this machine has {gpus} GPU(s), and each process takes one")
 
 
 def _how_it_ended(exitcode: int) -> str:
