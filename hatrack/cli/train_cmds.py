@@ -61,7 +61,7 @@ def _train_parameters() -> list[inspect.Parameter]:
         1, "--processes", min=1,
         help="Train in N processes (data-parallel, one per GPU; on CPU they share the cores), as "
              "`accelerate launch --multi_gpu --num_processes N -m hatrack.cli.main train ...` does. "
-             "--batch-size stays the rows per step of the whole run.")
+             "Rows per step (--batch-size) stay those of the whole run.")
     params.append(inspect.Parameter("processes", inspect.Parameter.KEYWORD_ONLY, default=processes_option,
                                     annotation=int))
     return params
