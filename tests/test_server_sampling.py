@@ -178,7 +178,9 @@ def test_n_choices_each_equal_their_seed_alone(client):
     chunks = client.chat("acme-support", temperature=1.0, seed=30, max_tokens=8, n=3, stream=True,
                          stream_options={"include_usage": True})
     texts, _, finish, use = _streamed(chunks)
-    assert [texts[i] for i in range(3)] == alone and set(finish) == {0, 1, 2}
+    assert [texts[i] for i in range(3)] == alone
+    # litellm passes on the first choice's finish chunk only; the server sends one per choice
+    assert set(finish) == ({0} if client.which == "litellm" else {0, 1, 2})
     assert use["completion_tokens"] == tokens_alone
     text = client.text("acme-support", prompt="Once", temperature=1.0, seed=30, max_tokens=6, n=2)
     assert [c["index"] for c in text["choices"]] == [0, 1] and len(set(_texts(text, chat=False))) == 2

@@ -19,6 +19,7 @@ class Piece:
 
     text: str = ""
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    ended: bool = False  # this event ended the choice (later events of it are ignored)
 
 
 class Choice:
@@ -44,7 +45,7 @@ class Choice:
             return Piece()
         if event.error is not None:
             self.failed, self.finish = True, "error"
-            return Piece()
+            return Piece(ended=True)
         text = ""
         if event.token_id is not None:
             self.count += 1
@@ -79,7 +80,7 @@ class Choice:
         self.kept.extend(out)
         self.cumulative += sum(e.logprob for e in out)
         self._text.append(text)
-        return Piece(text, out)
+        return Piece(text, out, self.finish is not None)
 
 
 def _finite(logprob: float) -> float:

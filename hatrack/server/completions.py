@@ -182,7 +182,7 @@ class Runner:
                 piece = choice.push(event)
                 if piece.text or piece.logprobs:
                     yield _sse(self._chunk(job, rid, created, choice, piece))
-                if choice.finish is not None:
+                if piece.ended:
                     yield _sse(self._chunk(job, rid, created, choice, Piece(), finish=choice.finish))
             if job.include_usage:
                 body = self._chunk_base(job, rid, created)
