@@ -199,6 +199,11 @@ class ChatMessage(BaseModel):
 
 
 class ChatCompletionRequest(_Request):
+    # published: an integer top_logprobs needs logprobs: true (the validator says why)
+    model_config = ConfigDict(**STRICT, json_schema_extra={
+        "if": {"properties": {"top_logprobs": {"type": "integer"}}, "required": ["top_logprobs"]},
+        "then": {"properties": {"logprobs": {"const": True}}, "required": ["logprobs"]}})
+
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS)
     logprobs: bool | None = None
