@@ -165,7 +165,7 @@ def test_constraint_forces_its_answer_per_row_and_ends_with_stop(tiny, engine):
     assert run(engine, prompt, None, short) == [(answer[:3], "length")]
 
 
-def test_mixed_batch_rows_answer_as_alone(tiny, adapters, tiny_base_dir):
+def test_mixed_batch_rows_answer_as_alone(tiny, adapters):
     """Plain greedy rows, knob rows, logprob rows, n=3 rows and a constrained row, over
     two adapters and the base in one batch: every row answers as it does alone."""
     model, tok, prompt = tiny
