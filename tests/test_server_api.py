@@ -149,7 +149,7 @@ def test_unknown_model_is_404_model_not_found(served, model):
 
 @pytest.mark.parametrize("field,value", [
     ("temperature", 3.5), ("temperature", -1), ("top_p", 0), ("top_p", 1.5), ("max_tokens", 0),
-    ("max_tokens", 10_000_000), ("n", 2), ("stop", ["a", "b", "c", "d", "e"]), ("messages", []),
+    ("max_tokens", 10_000_000), ("n", 0), ("stop", ["a", "b", "c", "d", "e"]), ("messages", []),
     ("max_tokens", "many"),
 ])
 def test_bad_parameters_are_400_with_openai_body(served, field, value):

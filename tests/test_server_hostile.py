@@ -171,7 +171,7 @@ def raw_http(port: int, head: str, chunks: Iterable[bytes] = (), timeout: float 
 # ------------------------------------------------------------------ 1. request strictness
 
 NUMERIC_CHAT = ["max_tokens", "max_completion_tokens", "temperature", "top_p", "n", "seed",
-                "presence_penalty", "frequency_penalty", "top_logprobs"]
+                "presence_penalty", "frequency_penalty", "top_logprobs", "min_p", "repetition_penalty"]
 HOSTILE_NUMBERS = ["-1", "0.5e400", "1e400", "-1e400", "NaN", "Infinity", "-Infinity", str(10**30),
                    str(-10**30), '"5"', "true", "[]", "{}", '"NaN"']
 
@@ -180,8 +180,8 @@ HOSTILE_NUMBERS = ["-1", "0.5e400", "1e400", "-1e400", "NaN", "Infinity", "-Infi
 def test_hostile_numbers_in_every_chat_field_are_400_naming_it(served, field):
     base = {"model": "acme-support", "messages": HI}
     for literal in HOSTILE_NUMBERS:
-        if field == "seed" and literal == "-1":
-            continue  # a valid seed
+        if literal == "-1" and field in ("seed", "presence_penalty", "frequency_penalty"):
+            continue  # a valid value
         resp = post_raw(served, with_field(base, field, literal))
         assert_error(resp, 400, served, param=field)
     assert_serving(served)
@@ -244,15 +244,9 @@ def test_fields_openai_clients_send_are_accepted_at_neutral_values(served):
 
 
 @pytest.mark.parametrize("kwargs,param", [
-    ({"n": 2}, "n"),
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
     ({"tool_choice": "required"}, "tool_choice"),
-    ({"logprobs": True}, "logprobs"),
-    ({"top_logprobs": 3}, "top_logprobs"),
     ({"response_format": {"type": "json_object"}}, "response_format"),
-    ({"presence_penalty": 0.5}, "presence_penalty"),
-    ({"frequency_penalty": -1}, "frequency_penalty"),
-    ({"logit_bias": {"42": 5}}, "logit_bias"),
     ({"modalities": ["text", "audio"]}, "modalities"),
 ])
 def test_unimplemented_features_are_400_naming_the_parameter(served, kwargs, param):
@@ -263,10 +257,7 @@ def test_unimplemented_features_are_400_naming_the_parameter(served, kwargs, par
     assert_serving(served)
 
 
-@pytest.mark.parametrize("kwargs,param", [
-    ({"echo": True}, "echo"), ({"best_of": 3}, "best_of"), ({"logprobs": 2}, "logprobs"),
-    ({"suffix": "tail"}, "suffix"), ({"n": 4}, "n"),
-])
+@pytest.mark.parametrize("kwargs,param", [({"echo": True}, "echo"), ({"suffix": "tail"}, "suffix")])
 def test_unimplemented_text_completion_features_are_400(served, kwargs, param):
     with pytest.raises(openai.BadRequestError) as err:
         openai_client(served).completions.create(model="acme-support", prompt="Hi", max_tokens=4, **kwargs)

@@ -16,9 +16,10 @@ from hatrack.errors import HatrackError
 from hatrack.server.catalog import Target
 from hatrack.server.engine import SamplingParams
 from hatrack.server.engine.errors import EngineStoppedError, PromptTooLongError, QueueFullError
+from hatrack.server.choices import Choice, Piece, merged, next_event
 from hatrack.server.errors import APIError, bad_request, strip_paths
+from hatrack.server.logprobs import TokenTexts, chat_logprobs, text_logprobs
 from hatrack.server.schemas import new_id, now, usage
-from hatrack.server.textstream import TextStream
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,8 @@ class Job:
     stops: list[str]
     stream: bool
     include_usage: bool
+    n: int = 1  # choices answered (params.n rows run: more with best_of)
+    logprobs: int | None = None  # None: the answer carries no logprobs
 
     @property
     def prompt_param(self) -> str:
@@ -63,7 +66,8 @@ def response_headers(target: Target) -> dict[str, str]:
 
 
 def sampling_params(body, prompt_len: int, context: int, default_max: int,
-                    stop_ids: tuple[int, ...], prompt_param: str = "messages") -> SamplingParams:
+                    stop_ids: tuple[int, ...], prompt_param: str = "messages", *,
+                    vocab: int | None = None, max_rows: int | None = None) -> SamplingParams:
     room = context - prompt_len
     if room < 1:
         raise bad_request(
@@ -79,10 +83,27 @@ def sampling_params(body, prompt_len: int, context: int, default_max: int,
             f"{room} of this model's {context}-token context",
             limit_param, "context_length_exceeded",
         )
+    bias = {int(k): float(v) for k, v in (body.logit_bias or {}).items()}
+    outside = next((k for k in bias if vocab is not None and k >= vocab), None)
+    if outside is not None:
+        raise bad_request(f"logit_bias names token {outside}; this model's token ids are 0..{vocab - 1}",
+                          "logit_bias", "invalid_value")
+    rows = body.rows
+    if max_rows is not None and rows > max_rows:
+        param = "best_of" if getattr(body, "best_of", None) else "n"
+        raise bad_request(f"{param} is {rows}; this server decodes at most {max_rows} sequences together "
+                          f"(serve --max-batch)", param, "invalid_value")
+    # ranking best_of candidates needs each token's logprob, asked for or not
+    logprobs = body.logprob_count
+    if logprobs is None and rows > body.n_value:
+        logprobs = 0
     # a vanishing temperature or top_p ("the most likely token") is the sampler's to handle
     return SamplingParams(
         max_tokens=limit, temperature=body.temperature_value, top_p=body.top_p_value,
-        seed=body.seed, stop_token_ids=stop_ids,
+        seed=body.seed, stop_token_ids=stop_ids, top_k=body.top_k or 0, min_p=body.min_p or 0.0,
+        presence_penalty=body.presence_penalty or 0.0, frequency_penalty=body.frequency_penalty or 0.0,
+        repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
+        logit_bias=bias or None, logprobs=logprobs, n=rows,
     )
 
 
@@ -93,10 +114,11 @@ class Runner:
         self.engine = engine
         self.tokenizer = tokenizer
         self.metrics = metrics
+        self.texts = TokenTexts(tokenizer)
 
     def submit(self, job: Job):
         try:
-            return self.engine.submit(job.prompt_ids, job.target.adapter, job.params)
+            return self.engine.submit_choices(job.prompt_ids, job.target.adapter, job.params)
         except QueueFullError:
             raise APIError(429, "the server is busy: too many requests waiting; retry later",
                            "rate_limit_error", "queue_full") from None
@@ -109,124 +131,109 @@ class Runner:
 
     async def respond(self, job: Job, request: Request):
         started = time.perf_counter()
-        handle = self.submit(job)
-        events = handle.__aiter__()
-        try:
-            first = await events.__anext__()
-        except StopAsyncIteration:
-            first = None
-        if first is not None and first.error is not None:
-            if job.target.adapter is not None and isinstance(first.error, HatrackError):
+        handles = self.submit(job)
+        iters = [h.__aiter__() for h in handles]
+        firsts = [await next_event(it) for it in iters]
+        failed = next((f for f in firsts if f is not None and f.error is not None), None)
+        if failed is not None:
+            for handle in handles:
+                handle.cancel()
+            if job.target.adapter is not None and isinstance(failed.error, HatrackError):
                 # the adapter's stored artifact is unusable: this model's fault, not the server's
                 self._count(job, 422)
                 raise APIError(
-                    422, f"model '{job.target.label}' cannot be loaded: {_short(first.error)}",
+                    422, f"model '{job.target.label}' cannot be loaded: {_short(failed.error)}",
                     "invalid_request_error", "adapter_unavailable", "model",
                 )
             self._count(job, 500)
             raise APIError(500, "generation failed", "server_error", "generation_failed")
         self.metrics.ttft.labels(model=job.target.label).observe(time.perf_counter() - started)
+        choices = [Choice(i, self.tokenizer, job.stops, h) for i, h in enumerate(handles)]
+        events = merged(handles, firsts, iters)
         if job.stream:
-            body = self._stream(job, handle, first, events, started)
+            body = self._stream(job, choices, events, started)
             return StreamingResponse(body, media_type="text/event-stream",
                                      headers=response_headers(job.target))
-        watcher = asyncio.create_task(_cancel_on_disconnect(request, handle))
+        watcher = asyncio.create_task(_cancel_on_disconnect(request, handles))
         try:
-            text, finish, completion_tokens = await self._collect(job, handle, first, events)
+            async for i, event in events:
+                choices[i].push(event)
+                if choices[i].failed:
+                    raise APIError(500, "generation failed", "server_error", "generation_failed")
         finally:
             watcher.cancel()
-        self._done(job, started, completion_tokens, 200)
-        return JSONResponse(self._final_body(job, text, finish, handle.prompt_tokens, completion_tokens),
+            await events.aclose()
+            for handle in handles:
+                handle.cancel()
+        count = sum(c.count for c in choices)
+        self._done(job, started, count, 200)
+        return JSONResponse(self._final_body(job, choices, handles[0].prompt_tokens, count),
                             headers=response_headers(job.target))
 
-    async def _collect(self, job: Job, handle, first, events):
-        stream = TextStream(self.tokenizer, job.stops)
-        finish = "length"
-        count = 0
-        event = first
-        while event is not None:
-            if event.error is not None:
-                raise APIError(500, "generation failed", "server_error", "generation_failed")
-            if event.token_id is not None:
-                count += 1
-                stream.push(event.token_id)
-                if stream.stopped:
-                    handle.cancel()
-                    finish = "stop"
-                    break
-            if event.finish_reason is not None:
-                finish = "stop" if event.finish_reason == "stop" else event.finish_reason
-                break
-            event = await _next(events)
-        stream.finish()
-        return stream.full_text(), _openai_finish(finish), count
-
-    async def _stream(self, job: Job, handle, first, events, started) -> AsyncIterator[bytes]:
+    async def _stream(self, job: Job, choices: list[Choice], events, started) -> AsyncIterator[bytes]:
         rid = new_id("chatcmpl" if job.chat else "cmpl")
         created = now()
-        stream = TextStream(self.tokenizer, job.stops)
-        count = 0
-        finish = "length"
         try:
             if job.chat:
-                yield _sse(self._chunk(job, rid, created, {"role": "assistant", "content": ""}, None))
-            event = first
-            while event is not None:
-                if event.error is not None:
-                    finish = "error"
-                    break
-                if event.token_id is not None:
-                    count += 1
-                    delta = stream.push(event.token_id)
-                    if delta:
-                        yield _sse(self._chunk(job, rid, created, delta, None))
-                    if stream.stopped:
-                        handle.cancel()
-                        finish = "stop"
-                        break
-                if event.finish_reason is not None:
-                    finish = event.finish_reason
-                    break
-                event = await _next(events)
-            tail = stream.finish()
-            if tail:
-                yield _sse(self._chunk(job, rid, created, tail, None))
-            yield _sse(self._chunk(job, rid, created, "" if not job.chat else {}, _openai_finish(finish)))
+                for choice in choices:
+                    yield _sse(self._chunk(job, rid, created, choice, Piece(), {"role": "assistant", "content": ""}))
+            async for i, event in events:
+                choice = choices[i]
+                piece = choice.push(event)
+                if piece.text or piece.logprobs:
+                    yield _sse(self._chunk(job, rid, created, choice, piece))
+                if piece.ended:
+                    yield _sse(self._chunk(job, rid, created, choice, Piece(), finish=choice.finish))
             if job.include_usage:
                 body = self._chunk_base(job, rid, created)
                 body["choices"] = []
-                body["usage"] = usage(handle.prompt_tokens, count)
+                body["usage"] = usage(choices[0].handle.prompt_tokens, sum(c.count for c in choices))
                 yield _sse(body)
             yield b"data: [DONE]\n\n"
-            self._done(job, started, count, 200)
+            self._done(job, started, sum(c.count for c in choices), 200)
         finally:
-            # client gone (generator closed) or finished: free the batch row either way
-            handle.cancel()
+            # client gone (generator closed) or finished: free the batch rows either way
+            await events.aclose()
+            for choice in choices:
+                choice.handle.cancel()
 
     def _chunk_base(self, job: Job, rid: str, created: int) -> dict:
         kind = "chat.completion.chunk" if job.chat else "text_completion"
         return {"id": rid, "object": kind, "created": created, "model": job.target.label}
 
-    def _chunk(self, job: Job, rid: str, created: int, delta, finish: str | None) -> dict:
+    def _logprobs(self, job: Job, entries) -> dict | None:
+        if job.logprobs is None:
+            return None
+        return chat_logprobs(entries, self.texts) if job.chat else text_logprobs(entries, self.texts)
+
+    def _chunk(self, job: Job, rid: str, created: int, choice: Choice, piece: Piece,
+               delta: dict | None = None, finish: str | None = None) -> dict:
         body = self._chunk_base(job, rid, created)
+        logprobs = self._logprobs(job, piece.logprobs) if piece.logprobs else None
         if job.chat:
-            if isinstance(delta, str):
-                delta = {"content": delta}
-            body["choices"] = [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]
+            if delta is None:
+                delta = {"content": piece.text} if piece.text or finish is None else {}
+            body["choices"] = [{"index": choice.index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]
         else:
-            body["choices"] = [{"index": 0, "text": delta, "logprobs": None, "finish_reason": finish}]
+            body["choices"] = [{"index": choice.index, "text": piece.text, "logprobs": logprobs,
+                                "finish_reason": finish}]
         return body
 
-    def _final_body(self, job: Job, text: str, finish: str, prompt_tokens: int, count: int) -> dict:
-        if job.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text},
-                      "logprobs": None, "finish_reason": finish}
-            obj, rid = "chat.completion", new_id("chatcmpl")
-        else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
-            obj, rid = "text_completion", new_id("cmpl")
+    def _final_body(self, job: Job, choices: list[Choice], prompt_tokens: int, count: int) -> dict:
+        if len(choices) > job.n:  # best_of: the n with the highest cumulative logprob
+            choices = sorted(choices, key=lambda c: c.cumulative, reverse=True)[: job.n]
+        out = []
+        for index, choice in enumerate(choices):
+            logprobs = self._logprobs(job, choice.kept)
+            if job.chat:
+                out.append({"index": index, "message": {"role": "assistant", "content": choice.text},
+                            "logprobs": logprobs, "finish_reason": choice.finish or "stop"})
+            else:
+                out.append({"index": index, "text": choice.text, "logprobs": logprobs,
+                            "finish_reason": choice.finish or "stop"})
+        obj, rid = ("chat.completion", new_id("chatcmpl")) if job.chat else ("text_completion", new_id("cmpl"))
         return {"id": rid, "object": obj, "created": now(), "model": job.target.label,
-                "choices": [choice], "usage": usage(prompt_tokens, count)}
+                "choices": out, "usage": usage(prompt_tokens, count)}
 
     def _done(self, job: Job, started: float, tokens: int, status: int) -> None:
         label = job.target.label
@@ -238,23 +245,13 @@ class Runner:
         self.metrics.requests.labels(endpoint=job.kind.endpoint, model=job.target.label, status=str(status)).inc()
 
 
-async def _next(events):
-    try:
-        return await events.__anext__()
-    except StopAsyncIteration:
-        return None
-
-
-async def _cancel_on_disconnect(request: Request, handle) -> None:
+async def _cancel_on_disconnect(request: Request, handles) -> None:
     while True:
         if await request.is_disconnected():
-            handle.cancel()
+            for handle in handles:
+                handle.cancel()
             return
         await asyncio.sleep(0.25)
-
-
-def _openai_finish(reason: str) -> str:
-    return {"stop": "stop", "length": "length"}.get(reason, "stop" if reason == "cancelled" else reason)
 
 
 def _short(err: BaseException) -> str:

@@ -123,10 +123,13 @@ async def completions(body: CompletionRequest, request: Request, state: ServerSt
 
 
 async def _run(state: ServerState, kind: Kind, body, request: Request, target: Target, prompt_ids: list[int]):
-    params = sampling_params(body, len(prompt_ids), state.engine.context_length,
-                             state.config.default_max_tokens, state.stop_ids, kind.prompt_param)
+    engine = state.engine
+    params = sampling_params(body, len(prompt_ids), engine.context_length,
+                             state.config.default_max_tokens, state.stop_ids, kind.prompt_param,
+                             vocab=engine.runner.vocab_size, max_rows=engine.max_batch)
     job = Job(kind=kind, target=target, prompt_ids=prompt_ids, params=params, stops=body.stop,
-              stream=bool(body.stream), include_usage=body.include_usage)
+              stream=bool(body.stream), include_usage=body.include_usage, n=body.n_value,
+              logprobs=body.logprob_count)
     return await Runner(state.engine, state.tokenizer, state.metrics).respond(job, request)
 
 

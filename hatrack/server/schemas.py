@@ -3,9 +3,9 @@
 
 Requests are strict. An unknown field is refused the way OpenAI refuses it. Fields
 real OpenAI clients send are accepted while they ask for nothing hatrack lacks (`user`,
-`metadata`, `presence_penalty: 0`, `response_format: {"type": "text"}`, ...); asking
-for a feature hatrack does not implement (n > 1, tools, logprobs, JSON mode) is a 400
-naming that parameter rather than a silent no-op. Numbers are never coerced from
+`metadata`, `response_format: {"type": "text"}`, ...); asking for a feature hatrack
+does not implement (tools, JSON mode, echo, suffix) is a 400 naming that parameter
+rather than a silent no-op. Numbers are never coerced from
 strings or booleans, and NaN or infinities are refused.
 """
 
@@ -15,13 +15,15 @@ import time
 import uuid
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, WithJsonSchema, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationInfo, WithJsonSchema, field_validator
 from pydantic_core import PydanticCustomError
 
 MAX_STOP_SEQUENCES = 4
 MAX_STOP_CHARS = 512  # the stop hold-back scan is quadratic in a stop's length
 MAX_MESSAGES = 2048
 MAX_TOKENS = 1_000_000
+MAX_CHOICES = 128
+MAX_BIASES = 300  # OpenAI's limit on logit_bias entries
 INT64 = 2**63
 
 STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
@@ -43,7 +45,6 @@ def only(*accepted: dict[str, Any]) -> WithJsonSchema:
 
 _STOP_TEXT = {"type": "string", "minLength": 1, "maxLength": MAX_STOP_CHARS}
 _EMPTY_LIST = {"type": "array", "maxItems": 0}
-_EMPTY_OBJECT = {"type": "object", "maxProperties": 0}
 
 
 def _neutral(value: Any, neutral: tuple, param: str, what: str) -> Any:
@@ -76,7 +77,7 @@ class _Request(BaseModel):
     max_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS)
     temperature: float | None = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float | None = Field(default=1.0, gt=0.0, le=1.0)
-    n: Annotated[int | None, only({"const": 1})] = Field(default=1, ge=1, le=128)
+    n: int | None = Field(default=1, ge=1, le=MAX_CHOICES)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     # validate_default: an omitted stop must become [] too, not stay None
@@ -84,9 +85,15 @@ class _Request(BaseModel):
                     only(_STOP_TEXT, {"type": "array", "items": _STOP_TEXT, "maxItems": MAX_STOP_SEQUENCES})] = \
         Field(default=None, validate_default=True)
     seed: int | None = Field(default=None, ge=-INT64, le=INT64 - 1)
-    presence_penalty: Annotated[float | None, only({"const": 0})] = Field(default=None, ge=-2.0, le=2.0)
-    frequency_penalty: Annotated[float | None, only({"const": 0})] = Field(default=None, ge=-2.0, le=2.0)
-    logit_bias: Annotated[dict[str, int] | None, only(_EMPTY_OBJECT)] = None
+    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    # token id (as a string, as OpenAI's) -> added to that token's logit
+    logit_bias: dict[Annotated[str, StringConstraints(pattern=r"^[0-9]{1,9}$")],
+                     Annotated[float, Field(ge=-100.0, le=100.0)]] | None = Field(default=None, max_length=MAX_BIASES)
+    # vLLM's sampling extensions
+    top_k: int | None = Field(default=None, ge=-1, le=MAX_TOKENS)  # -1 or 0: every token
+    min_p: float | None = Field(default=None, ge=0.0, le=1.0)
+    repetition_penalty: float | None = Field(default=None, gt=0.0, le=10.0)
     user: str | None = None
     metadata: dict[str, str] | None = None
     store: bool | None = None
@@ -106,21 +113,6 @@ class _Request(BaseModel):
             raise PydanticCustomError("stop_too_long", f"a stop sequence is at most {MAX_STOP_CHARS} characters")
         return items
 
-    @field_validator("n")
-    @classmethod
-    def _one_choice(cls, value: int | None) -> int | None:
-        return _neutral(value, (None, 1), "n", "more than one choice per request")
-
-    @field_validator("presence_penalty", "frequency_penalty")
-    @classmethod
-    def _no_penalty(cls, value: float | None, info: ValidationInfo) -> float | None:
-        return _neutral(value, (None, 0), info.field_name, "a non-zero penalty")
-
-    @field_validator("logit_bias")
-    @classmethod
-    def _no_bias(cls, value: dict[str, int] | None) -> dict[str, int] | None:
-        return _neutral(value, (None,), "logit_bias", "biasing token logits")
-
     def token_limit(self) -> tuple[int | None, str]:
         """The answer's token limit and the parameter that set it."""
         newer = getattr(self, "max_completion_tokens", None)  # chat only
@@ -139,6 +131,15 @@ class _Request(BaseModel):
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
+
+    @property
+    def n_value(self) -> int:
+        return self.n or 1
+
+    @property
+    def rows(self) -> int:
+        """Sequences to generate: n, or best_of candidates to pick n from."""
+        return max(self.n_value, getattr(self, "best_of", None) or 1)
 
 
 class TextPart(BaseModel):
@@ -198,10 +199,15 @@ class ChatMessage(BaseModel):
 
 
 class ChatCompletionRequest(_Request):
+    # published: an integer top_logprobs needs logprobs: true (the validator says why)
+    model_config = ConfigDict(**STRICT, json_schema_extra={
+        "if": {"properties": {"top_logprobs": {"type": "integer"}}, "required": ["top_logprobs"]},
+        "then": {"properties": {"logprobs": {"const": True}}, "required": ["logprobs"]}})
+
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS)
-    logprobs: Annotated[bool | None, only({"const": False})] = None
-    top_logprobs: Annotated[int | None, only({"const": 0})] = Field(default=None, ge=0, le=20)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
     response_format: Annotated[ResponseFormat | None, only({
         "type": "object", "properties": {"type": {"const": "text"}}, "required": ["type"],
         "additionalProperties": False})] = None
@@ -215,15 +221,26 @@ class ChatCompletionRequest(_Request):
     modalities: Annotated[list[Literal["text", "audio"]] | None,
                           only({"type": "array", "items": {"const": "text"}})] = None
 
-    @field_validator("logprobs")
+    @field_validator("max_completion_tokens")
     @classmethod
-    def _no_logprobs(cls, value: bool | None) -> bool | None:
-        return _neutral(value, (None, False), "logprobs", "returning log probabilities")
+    def _one_limit(cls, value: int | None, info: ValidationInfo) -> int | None:
+        other = info.data.get("max_tokens")
+        if value is not None and other is not None and other != value:
+            raise PydanticCustomError("conflicting_limits", "max_completion_tokens ({value}) and its older name "
+                                      "max_tokens ({other}) differ; send one", {"value": value, "other": other})
+        return value
 
     @field_validator("top_logprobs")
     @classmethod
-    def _no_top_logprobs(cls, value: int | None) -> int | None:
-        return _neutral(value, (None, 0), "top_logprobs", "returning log probabilities")
+    def _needs_logprobs(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None and not info.data.get("logprobs"):
+            raise PydanticCustomError("needs_logprobs", "top_logprobs needs logprobs: true")
+        return value
+
+    @property
+    def logprob_count(self) -> int | None:
+        """None: no logprobs in the answer; k: each token's logprob and the k most likely."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     @field_validator("response_format")
     @classmethod
@@ -256,8 +273,8 @@ class CompletionRequest(_Request):
         {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1, "maxItems": 1}]})]
     max_tokens: int | None = Field(default=16, ge=1, le=MAX_TOKENS)
     echo: Annotated[bool | None, only({"const": False})] = None
-    best_of: Annotated[int | None, only({"const": 1})] = Field(default=None, ge=1, le=20)
-    logprobs: Annotated[int | None, only()] = Field(default=None, ge=0, le=5)
+    best_of: int | None = Field(default=None, ge=1, le=20)
+    logprobs: int | None = Field(default=None, ge=0, le=5)
     suffix: Annotated[str | None, only({"const": ""})] = None
 
     @field_validator("prompt")
@@ -278,13 +295,19 @@ class CompletionRequest(_Request):
 
     @field_validator("best_of")
     @classmethod
-    def _no_best_of(cls, value: int | None) -> int | None:
-        return _neutral(value, (None, 1), "best_of", "best_of > 1")
+    def _best_of_n(cls, value: int | None, info: ValidationInfo) -> int | None:
+        n = info.data.get("n") or 1
+        if value is not None and value < n:
+            raise PydanticCustomError("best_of_below_n", "best_of ({best_of}) must be at least n ({n})",
+                                      {"best_of": value, "n": n})
+        if value is not None and value > n and info.data.get("stream"):
+            raise PydanticCustomError("best_of_stream", "best_of > n cannot be streamed (the best are known "
+                                      "only at the end)")
+        return value
 
-    @field_validator("logprobs")
-    @classmethod
-    def _no_logprobs(cls, value: int | None) -> int | None:
-        return _neutral(value, (None,), "logprobs", "returning log probabilities")
+    @property
+    def logprob_count(self) -> int | None:
+        return self.logprobs
 
     @field_validator("suffix")
     @classmethod

@@ -55,6 +55,8 @@ class TextStream:
     stops: list[str] = field(default_factory=list)
     sent: int = 0  # characters of the text already released
     stopped: bool = False
+    decoded: int = 0  # characters decoded so far (where the next token's text starts)
+    cut: int | None = None  # where a stop sequence cut the text
     _released: list[str] = field(default_factory=list)
     _held: str = ""  # decoded, not released: it may still become a stop sequence
     _decoder: IncrementalDecoder | None = None
@@ -72,7 +74,9 @@ class TextStream:
         if self.stopped:
             return ""
         if token_id is not None:
-            self._held += self._decoder.step(token_id)
+            piece = self._decoder.step(token_id)
+            self.decoded += len(piece)
+            self._held += piece
         if self._cut_at_stop():
             return self._release(len(self._held))
         return self._release(self._safe())
@@ -81,7 +85,9 @@ class TextStream:
         """At the end: release whatever is held back (unless a stop sequence ended it)."""
         if self.stopped:
             return ""
-        self._held += self._decoder.flush()
+        piece = self._decoder.flush()
+        self.decoded += len(piece)
+        self._held += piece
         self._cut_at_stop()
         return self._release(len(self._held))
 
@@ -94,6 +100,7 @@ class TextStream:
         cuts = [at for at in (self._held.find(stop) for stop in self.stops) if at != -1]
         if cuts:
             self._held = self._held[: min(cuts)]
+            self.cut = self.sent + min(cuts)
             self.stopped = True
         return self.stopped
 

@@ -17,7 +17,7 @@ from hatrack.server.engine.errors import (
 )
 from hatrack.server.engine.handle import RequestHandle
 from hatrack.server.engine.lora import LoraWeights, load_peft_adapter
-from hatrack.server.engine.types import AdapterSpec, EngineStats, SamplingParams, TokenEvent
+from hatrack.server.engine.types import AdapterSpec, EngineStats, SamplingParams, TokenConstraint, TokenEvent
 
 __all__ = [
     "AdapterFormatError",
@@ -32,6 +32,7 @@ __all__ = [
     "QueueFullError",
     "RequestHandle",
     "SamplingParams",
+    "TokenConstraint",
     "TokenEvent",
     "load_peft_adapter",
 ]

@@ -55,8 +55,10 @@ def build_name() -> str:
     import torch
 
     digest = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), torch.__version__.encode(), " ".join(CFLAGS).encode(),
-                 _cpu_signature().encode()):
+    # torch's install path too: two environments with one torch version build with other
+    # include paths, and sharing a folder would rebuild it at every switch
+    for part in (SOURCE.read_bytes(), torch.__version__.encode(), os.path.dirname(torch.__file__).encode(),
+                 " ".join(CFLAGS).encode(), _cpu_signature().encode()):
         digest.update(part)
     return f"hatrack_lora_cpu_{digest.hexdigest()[:16]}"
 

@@ -28,7 +28,7 @@ from hatrack.server.engine.errors import (
 )
 from hatrack.server.engine.handle import RequestHandle
 from hatrack.server.engine.model import LlamaRunner
-from hatrack.server.engine.sampling import make_generator, pick_tokens
+from hatrack.server.engine.sampling import RowSampler, TokenLogprobs, check_knobs, pick_tokens
 from hatrack.server.engine import cpu_kernel as cpu_kernel_module
 from hatrack.server.engine.slots import KernelRows, LoraRows, RowBank, SlotBank, lora_dtype_for
 from hatrack.server.engine.types import AdapterSpec, EngineStats, SamplingParams, TokenEvent
@@ -44,8 +44,9 @@ class _Sequence:
     prompt: list[int]
     adapter: AdapterSpec | None
     params: SamplingParams
-    generator: torch.Generator | None
     stop_ids: frozenset[int]
+    sampler: RowSampler | None = None  # built at admission
+    others: list[RequestHandle] = field(default_factory=list)  # choices 1..n-1, until the prefill
     slot: int = 0
     length: int = 0  # positions in the KV cache
     generated: int = 0
@@ -154,16 +155,31 @@ class Engine:
         """Queue a request; safe from any thread, including an asyncio loop's (it never
         blocks on model work). Raises QueueFullError, PromptTooLongError,
         InvalidRequestError or EngineStoppedError."""
+        if params.n != 1:
+            raise InvalidRequestError("submit() runs one choice; submit_choices() runs n")
+        return self.submit_choices(prompt_ids, adapter, params, request_id=request_id)[0]
+
+    def submit_choices(
+        self,
+        prompt_ids: list[int],
+        adapter: AdapterSpec | None,
+        params: SamplingParams,
+        *,
+        request_id: str | None = None,
+    ) -> list[RequestHandle]:
+        """Like submit, for params.n choices: the prompt is prefilled once and its cache
+        copied into n rows, each sampling on its own; one handle per choice."""
         prompt = [int(t) for t in prompt_ids]
         self._validate(prompt, params)
-        handle = RequestHandle(request_id or f"req-{uuid.uuid4().hex[:16]}", len(prompt), self._kick)
+        rid = request_id or f"req-{uuid.uuid4().hex[:16]}"
+        handles = [RequestHandle(rid, len(prompt), self._kick) for _ in range(params.n)]
         seq = _Sequence(
-            handle=handle,
+            handle=handles[0],
             prompt=prompt,
             adapter=adapter,
             params=params,
-            generator=make_generator(params, self.runner.device),
             stop_ids=frozenset(int(t) for t in params.stop_token_ids),
+            others=handles[1:],
         )
         with self._cond:
             if not self._accepting:
@@ -177,7 +193,7 @@ class Engine:
                 self.cache.want(adapter)  # starts a cold adapter loading while the request queues
             self._kicked = True
             self._cond.notify_all()
-        return handle
+        return handles
 
     def stats(self) -> EngineStats:
         return EngineStats(
@@ -214,6 +230,7 @@ class Engine:
             raise InvalidRequestError(f"temperature must be >= 0, got {params.temperature!r}")
         if not 0 < params.top_p <= 1:
             raise InvalidRequestError(f"top_p must be in (0, 1], got {params.top_p!r}")
+        check_knobs(params, vocab, self.max_batch)
 
     # ------------------------------------------------------------ scheduler thread
 
@@ -275,10 +292,10 @@ class Engine:
         return True
 
     def _reap_cancelled(self) -> None:
-        if any(s.handle.cancelled for s in self._waiting):
+        if any(_all_cancelled(s) for s in self._waiting):
             keep = deque()
             for seq in self._waiting:
-                if seq.handle.cancelled:
+                if _all_cancelled(seq):
                     self._finish(seq, "cancelled")
                 else:
                     keep.append(seq)
@@ -297,7 +314,8 @@ class Engine:
         keep: deque[_Sequence] = deque()
         while self._waiting:
             seq = self._waiting.popleft()
-            if len(self._running) >= self.max_batch or (admitted and budget < len(seq.prompt)):
+            if len(self._running) + 1 + len(seq.others) > self.max_batch or (
+                    admitted and budget < len(seq.prompt)):
                 keep.append(seq)
                 keep.extend(self._waiting)
                 self._waiting.clear()
@@ -332,13 +350,32 @@ class Engine:
         row = len(self._running)
         self._running.append(seq)
         started = time.perf_counter()
+        seq.sampler = RowSampler.build(seq.params, seq.prompt, self.runner.vocab_size, self.device)
         logits = self.runner.prefill(row, seq.prompt, self.bank, seq.slot)
         seq.length = len(seq.prompt)
         self._prefill_tokens += seq.length
-        token = pick_tokens(logits[None], [seq.params], [seq.generator])[0]
+        group = [seq, *self._copies(seq, row)]
+        tokens, logprobs = pick_tokens(logits[None].expand(len(group), -1), [s.sampler for s in group])
         self._prefill_seconds += time.perf_counter() - started
-        if self._accept(seq, token):
-            self._remove_rows([row])
+        done = [row + j for j, s in enumerate(group) if self._accept(s, tokens[j], logprobs[j])]
+        if done:
+            self._remove_rows(done)
+
+    def _copies(self, seq: _Sequence, row: int) -> list[_Sequence]:
+        """Choices 1..n-1 of a prefilled sequence: its cache row copied, its adapter
+        pinned once more, each with its own sampler (seed + i)."""
+        copies = []
+        for i, handle in enumerate(seq.others, start=1):
+            copy = _Sequence(handle=handle, prompt=seq.prompt, adapter=seq.adapter, params=seq.params,
+                             stop_ids=seq.stop_ids, length=seq.length, admitted=True)
+            copy.sampler = RowSampler.build(seq.params, seq.prompt, self.runner.vocab_size, self.device, i)
+            if seq.slot:
+                copy.slot = self.cache.acquire(seq.adapter)  # loaded and pinned: the same slot
+            self.runner.copy_row(row, len(self._running), seq.length)
+            self._running.append(copy)
+            copies.append(copy)
+        seq.others = []
+        return copies
 
     def _decode_step(self) -> None:
         running = self._running
@@ -348,27 +385,35 @@ class Engine:
         )
         for seq in running:
             seq.length += 1
-        tokens = pick_tokens(logits, [s.params for s in running], [s.generator for s in running])
+        tokens, logprobs = pick_tokens(logits, [s.sampler for s in running])
         self._decode_seconds += time.perf_counter() - started
         self._steps += 1
-        done = [i for i, (seq, tok) in enumerate(zip(running, tokens)) if self._accept(seq, tok)]
+        done = [i for i, seq in enumerate(running) if self._accept(seq, tokens[i], logprobs[i])]
         if done:
             self._remove_rows(done)
 
-    def _accept(self, seq: _Sequence, token: int) -> bool:
+    def _accept(self, seq: _Sequence, token: int, logprobs: TokenLogprobs | None = None) -> bool:
         """Record a sampled token; True if the sequence is finished."""
         self._tokens_generated += 1
+        seq.sampler.accept(token)
         if token in seq.stop_ids:  # a stop token ends the answer and is not part of it
             self._finish(seq, "stop")
             return True
         seq.generated += 1
         seq.last = token
+        event = TokenEvent(token)
+        if logprobs is not None:
+            event.logprob, event.top_logprobs = logprobs
+        if seq.sampler.done():  # the constraint is complete: this token ends the answer
+            event.finish_reason = "stop"
         # prompt + answer never exceed the context: the cache holds `length` tokens and
         # this one would take the next position
-        if seq.generated >= seq.params.max_tokens or seq.length + 1 >= self.context_length:
-            self._finish(seq, "length", token=token)
+        elif seq.generated >= seq.params.max_tokens or seq.length + 1 >= self.context_length:
+            event.finish_reason = "length"
+        if event.finish_reason is not None:
+            self._finish(seq, event.finish_reason, event=event)
             return True
-        seq.handle.emit(TokenEvent(token))
+        seq.handle.emit(event)
         return False
 
     def _remove_rows(self, rows: list[int]) -> None:
@@ -388,10 +433,11 @@ class Engine:
             self.cache.unwant(seq.adapter.key)
 
     def _finish(
-        self, seq: _Sequence, reason: str, error: BaseException | None = None, token: int | None = None
+        self, seq: _Sequence, reason: str, error: BaseException | None = None, event: TokenEvent | None = None
     ) -> None:
         """Send the final event and give back what the sequence held (queue place,
-        adapter want, slot pin). The caller removes its batch row if it had one."""
+        adapter want, slot pin). The caller removes its batch row if it had one.
+        Choices not yet prefilled end with it."""
         if not seq.admitted:
             seq.admitted = True
             with self._cond:
@@ -400,4 +446,11 @@ class Engine:
         if seq.slot:
             self.cache.release(seq.slot)
             seq.slot = 0
-        seq.handle.emit(TokenEvent(token, reason, error))
+        for handle in seq.others:
+            handle.emit(TokenEvent(None, reason, error))
+        seq.others = []
+        seq.handle.emit(event or TokenEvent(None, reason, error))
+
+
+def _all_cancelled(seq: _Sequence) -> bool:
+    return seq.handle.cancelled and all(h.cancelled for h in seq.others)

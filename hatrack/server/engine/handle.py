@@ -47,6 +47,12 @@ class RequestHandle:
         with self._lock:
             return list(self._tokens)
 
+    @property
+    def events(self) -> list[TokenEvent]:
+        """Every event so far, in order (logprobs ride on them)."""
+        with self._lock:
+            return list(self._events)
+
     def result(self, timeout: float | None = None) -> tuple[list[int], str]:
         """Block until the request ends: (token ids, finish_reason). Raises the request's
         error if it failed, TimeoutError if `timeout` passes first."""

@@ -86,6 +86,10 @@ class LlamaRunner:
         for cache in (*self.k_cache, *self.v_cache):
             cache[dst, :, :length].copy_(cache[src, :, :length])
 
+    def copy_row(self, src: int, dst: int, length: int) -> None:
+        """Give row `dst` the cache of row `src` (n choices share one prefill)."""
+        self.move_row(src, dst, length)
+
     # ------------------------------------------------------------ forward
 
     def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -3,10 +3,27 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Protocol
 
 if TYPE_CHECKING:
+    import torch
+
     from hatrack.server.engine.lora import LoraWeights
+
+
+class TokenConstraint(Protocol):
+    """A per-row rule on which token may come next (a grammar, a fixed answer...).
+    The engine builds one per row at admission, masks that row's logits with
+    allowed_mask before anything else, calls accept with every token it picks for
+    the row, and ends the row with finish_reason "stop" once is_done()."""
+
+    def allowed_mask(self, vocab_size: int) -> "torch.Tensor | None":
+        """bool [vocab_size], True = may come next; None = anything may."""
+        ...
+
+    def accept(self, token_id: int) -> None: ...
+
+    def is_done(self) -> bool: ...
 
 
 @dataclass
@@ -14,8 +31,17 @@ class SamplingParams:
     max_tokens: int = 16
     temperature: float = 1.0  # 0 = greedy
     top_p: float = 1.0
-    seed: int | None = None  # same seed, same prompt, same adapter -> same tokens
+    seed: int | None = None  # same seed, same prompt, same adapter -> same tokens (row i of n: seed + i)
     stop_token_ids: tuple[int, ...] = ()  # generation ends on any of these; they are not returned
+    top_k: int = 0  # keep the k most likely tokens; 0 or -1 = all
+    min_p: float = 0.0  # drop tokens less likely than min_p x the most likely one
+    presence_penalty: float = 0.0  # subtracted once from every token already generated
+    frequency_penalty: float = 0.0  # subtracted per time a token was generated
+    repetition_penalty: float = 1.0  # vLLM's: divides (>0) or multiplies (<0) logits of prompt and generated tokens
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit
+    logprobs: int | None = None  # None: none; k >= 0: the picked token's logprob and the k most likely
+    n: int = 1  # rows generated from one prefill, each with its own handle and generator
+    constraint: "Callable[[], TokenConstraint] | None" = None  # a factory: one constraint per row
 
 
 @dataclass(frozen=True)
@@ -33,6 +59,10 @@ class TokenEvent:
     token_id: int | None  # None on the final event if nothing new
     finish_reason: str | None = None  # None while running; "stop" | "length" | "cancelled" | "error"
     error: BaseException | None = None
+    # with SamplingParams.logprobs: the token's log probability under the model's own
+    # (adapter-applied) logits, and the most likely tokens as (id, logprob), best first
+    logprob: float | None = None
+    top_logprobs: tuple[tuple[int, float], ...] | None = None
 
 
 @dataclass
