@@ -31,7 +31,7 @@ from hatrack.server.engine.model import LlamaRunner
 from hatrack.server.engine.sampling import make_generator, pick_tokens
 from hatrack.server.engine import cpu_kernel as cpu_kernel_module
 from hatrack.server.engine.slots import KernelRows, LoraRows, RowBank, SlotBank, lora_dtype_for
-from hatrack.server.engine.types import AdapterSpec, EngineStats, SamplingParams, TokenEvent
+from hatrack.server.engine.types import AdapterSpec, EngineStats, SamplingParams, TokenConstraint, TokenEvent
 
 log = logging.getLogger("hatrack.engine")
 
@@ -46,6 +46,7 @@ class _Sequence:
     params: SamplingParams
     generator: torch.Generator | None
     stop_ids: frozenset[int]
+    constraint: TokenConstraint | None = None  # built from params.constraint at admission
     slot: int = 0
     length: int = 0  # positions in the KV cache
     generated: int = 0
@@ -332,10 +333,14 @@ class Engine:
         row = len(self._running)
         self._running.append(seq)
         started = time.perf_counter()
-        logits = self.runner.prefill(row, seq.prompt, self.bank, seq.slot)
+        if seq.params.constraint is not None:
+            seq.constraint = seq.params.constraint()
+        logits = self.runner.prefill(row, seq.prompt, self.bank, seq.slot)[None]
         seq.length = len(seq.prompt)
         self._prefill_tokens += seq.length
-        token = pick_tokens(logits[None], [seq.params], [seq.generator])[0]
+        if seq.constraint is not None:
+            self._mask(logits, [seq])
+        token = pick_tokens(logits, [seq.params], [seq.generator])[0]
         self._prefill_seconds += time.perf_counter() - started
         if self._accept(seq, token):
             self._remove_rows([row])
@@ -348,6 +353,8 @@ class Engine:
         )
         for seq in running:
             seq.length += 1
+        if any(s.constraint is not None for s in running):
+            self._mask(logits, running)
         tokens = pick_tokens(logits, [s.params for s in running], [s.generator for s in running])
         self._decode_seconds += time.perf_counter() - started
         self._steps += 1
@@ -355,14 +362,29 @@ class Engine:
         if done:
             self._remove_rows(done)
 
+    def _mask(self, logits: torch.Tensor, rows: list[_Sequence]) -> None:
+        """Disallowed tokens of each constrained row -> -inf, in place (other rows untouched)."""
+        vocab = logits.shape[-1]
+        for i, seq in enumerate(rows):
+            if seq.constraint is None:
+                continue
+            allowed = seq.constraint.allowed_mask(vocab)
+            if allowed is not None:
+                logits[i].masked_fill_(~allowed.to(logits.device), float("-inf"))
+
     def _accept(self, seq: _Sequence, token: int) -> bool:
         """Record a sampled token; True if the sequence is finished."""
         self._tokens_generated += 1
+        if seq.constraint is not None:
+            seq.constraint.accept(token)
         if token in seq.stop_ids:  # a stop token ends the answer and is not part of it
             self._finish(seq, "stop")
             return True
         seq.generated += 1
         seq.last = token
+        if seq.constraint is not None and seq.constraint.is_done():  # the grammar is complete
+            self._finish(seq, "stop", token=token)
+            return True
         # prompt + answer never exceed the context: the cache holds `length` tokens and
         # this one would take the next position
         if seq.generated >= seq.params.max_tokens or seq.length + 1 >= self.context_length:

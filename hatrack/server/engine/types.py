@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Protocol
 
 if TYPE_CHECKING:
+    import torch
+
     from hatrack.server.engine.lora import LoraWeights
+
+
+class TokenConstraint(Protocol):
+    def allowed_mask(self, vocab_size: int) -> "torch.Tensor | None": ...  # bool [vocab_size], True = allowed next; None = anything
+    def accept(self, token_id: int) -> None: ...   # the engine calls this with every token it picks for the row
+    def is_done(self) -> bool: ...                  # True once the grammar is complete: the engine ends the row with finish_reason "stop"
 
 
 @dataclass
@@ -16,6 +24,7 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None  # same seed, same prompt, same adapter -> same tokens
     stop_token_ids: tuple[int, ...] = ()  # generation ends on any of these; they are not returned
+    constraint: Callable[[], TokenConstraint] | None = None
 
 
 @dataclass(frozen=True)
