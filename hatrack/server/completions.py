@@ -18,6 +18,7 @@ from hatrack.server.engine import SamplingParams
 from hatrack.server.engine.errors import EngineStoppedError, PromptTooLongError, QueueFullError
 from hatrack.server.errors import APIError, bad_request, strip_paths
 from hatrack.server.schemas import new_id, now, usage
+from hatrack.server.structured import ToolCallStream, read_answer
 from hatrack.server.textstream import TextStream
 
 
@@ -45,6 +46,7 @@ class Job:
     stops: list[str]
     stream: bool
     include_usage: bool
+    tool_calls: bool = False  # the answer may hold tool calls to read back (chat with tools)
 
     @property
     def prompt_param(self) -> str:
@@ -136,7 +138,12 @@ class Runner:
         finally:
             watcher.cancel()
         self._done(job, started, completion_tokens, 200)
-        return JSONResponse(self._final_body(job, text, finish, handle.prompt_tokens, completion_tokens),
+        calls: list[dict] = []
+        if job.tool_calls:
+            text, calls = read_answer(text)
+            if calls and finish == "stop":
+                finish = "tool_calls"
+        return JSONResponse(self._final_body(job, text, finish, handle.prompt_tokens, completion_tokens, calls),
                             headers=response_headers(job.target))
 
     async def _collect(self, job: Job, handle, first, events):
@@ -165,8 +172,15 @@ class Runner:
         rid = new_id("chatcmpl" if job.chat else "cmpl")
         created = now()
         stream = TextStream(self.tokenizer, job.stops)
+        calls = ToolCallStream() if job.tool_calls else None
         count = 0
         finish = "length"
+
+        def chunks(text: str) -> list[bytes]:
+            if calls is None:
+                return [_sse(self._chunk(job, rid, created, text, None))] if text else []
+            return [_sse(self._chunk(job, rid, created, delta, None)) for delta in calls.push(text)]
+
         try:
             if job.chat:
                 yield _sse(self._chunk(job, rid, created, {"role": "assistant", "content": ""}, None))
@@ -177,9 +191,8 @@ class Runner:
                     break
                 if event.token_id is not None:
                     count += 1
-                    delta = stream.push(event.token_id)
-                    if delta:
-                        yield _sse(self._chunk(job, rid, created, delta, None))
+                    for chunk in chunks(stream.push(event.token_id)):
+                        yield chunk
                     if stream.stopped:
                         handle.cancel()
                         finish = "stop"
@@ -188,9 +201,13 @@ class Runner:
                     finish = event.finish_reason
                     break
                 event = await _next(events)
-            tail = stream.finish()
-            if tail:
-                yield _sse(self._chunk(job, rid, created, tail, None))
+            for chunk in chunks(stream.finish()):
+                yield chunk
+            if calls is not None:
+                for delta in calls.finish():
+                    yield _sse(self._chunk(job, rid, created, delta, None))
+                if calls.calls and finish == "stop":
+                    finish = "tool_calls"
             yield _sse(self._chunk(job, rid, created, "" if not job.chat else {}, _openai_finish(finish)))
             if job.include_usage:
                 body = self._chunk_base(job, rid, created)
@@ -217,10 +234,13 @@ class Runner:
             body["choices"] = [{"index": 0, "text": delta, "logprobs": None, "finish_reason": finish}]
         return body
 
-    def _final_body(self, job: Job, text: str, finish: str, prompt_tokens: int, count: int) -> dict:
+    def _final_body(self, job: Job, text: str | None, finish: str, prompt_tokens: int, count: int,
+                    calls: list[dict] | None = None) -> dict:
         if job.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text},
-                      "logprobs": None, "finish_reason": finish}
+            message = {"role": "assistant", "content": text}
+            if calls:
+                message["tool_calls"] = [{k: v for k, v in c.items() if k != "index"} for c in calls]
+            choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
             obj, rid = "chat.completion", new_id("chatcmpl")
         else:
             choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
