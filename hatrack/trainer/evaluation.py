@@ -83,8 +83,9 @@ def eval_loss(model, encoded: list[Encoded], pad_id: int, batch_size: int = 8) -
     return total / count if count else float("nan")
 
 
-def generate_answers(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, batch_size: int = 16) -> list[str]:
-    """Greedy answers to each chat prompt, decoded without special tokens."""
+def generate_answers(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, batch_size: int = 16,
+                     tools: list[list[dict] | None] | None = None) -> list[str]:
+    """Greedy answers to each chat prompt (with its tools, if any), decoded without special tokens."""
     import torch
 
     device = next(model.parameters()).device
@@ -94,7 +95,8 @@ def generate_answers(model, tokenizer, prompts: list[list[dict]], max_new_tokens
     try:
         with torch.no_grad(), _autocast(model):
             for start in range(0, len(prompts), batch_size):
-                texts = [render_prompt(tokenizer, p) for p in prompts[start : start + batch_size]]
+                texts = [render_prompt(tokenizer, p, tools[start + k] if tools else None)
+                         for k, p in enumerate(prompts[start : start + batch_size])]
                 batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
                 out = model.generate(
                     **batch,
@@ -130,6 +132,7 @@ def score_both(
     encoded = [e for e in encoded if e.trained]
     answerable = [e for e in examples if e.expected is not None]
     prompts = [e.prompt for e in answerable]
+    tools = [e.tools for e in answerable]
     expected = [e.expected for e in answerable]
     max_new = 0
     if answerable:
@@ -152,7 +155,7 @@ def score_both(
                 if answerable:
                     if on_stage:
                         on_stage(f"answers ({which})")
-                    answers = generate_answers(model, tokenizer, prompts, max_new)
+                    answers = generate_answers(model, tokenizer, prompts, max_new, tools=tools)
                     scores.exact_match, scores.contains = answer_rates(answers, expected)
                     samples[which] = answers[:3]
             results.append(scores)
