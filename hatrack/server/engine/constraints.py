@@ -76,40 +76,41 @@ class GrammarCompiler:
         self.stop_ids = sorted({int(t) for t in stop_ids})
         # ~1 s for a 50k vocabulary: once per server
         self.tokenizer = llguidance.hf.from_tokenizer(tokenizer, eos_token=self.stop_ids or None)
-        self._compiled: OrderedDict[str, str] = OrderedDict()
+        self._compiled: OrderedDict[str, object] = OrderedDict()  # grammar text -> pristine matcher
         self._lock = threading.Lock()
 
     def compile(self, grammar: str) -> "CompiledGrammar":
-        """Check `grammar` (from json_schema_grammar / lark_grammar) once; GrammarError if
-        it cannot be used. Cached: the same grammar text is checked once per server."""
+        """Compile `grammar` (from json_schema_grammar / lark_grammar) once; GrammarError
+        if it cannot be used. LRU-cached by the grammar's text, which holds the schema's JSON."""
         with self._lock:
-            if grammar in self._compiled:
+            pristine = self._compiled.get(grammar)
+            if pristine is not None:
                 self._compiled.move_to_end(grammar)
-                return CompiledGrammar(self, grammar)
-        problem = self._llg.LLMatcher.validate_grammar(grammar, self.tokenizer)
-        if problem:
+                return CompiledGrammar(pristine)
+        pristine = self._llg.LLMatcher(self.tokenizer, grammar, log_level=0)
+        if pristine.is_error():
+            problem = pristine.get_error()
             raise GrammarError(" ".join(line.strip() for line in problem.splitlines() if line.strip())[:500])
         with self._lock:
-            self._compiled[grammar] = grammar
+            self._compiled[grammar] = pristine
             while len(self._compiled) > SCHEMA_CACHE_SIZE:
                 self._compiled.popitem(last=False)
-        return CompiledGrammar(self, grammar)
+        return CompiledGrammar(pristine)
 
     def json_schema(self, schema: dict) -> "CompiledGrammar":
         return self.compile(json_schema_grammar(schema))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class CompiledGrammar:
-    """A checked grammar; calling it makes a fresh per-row constraint (the engine's
-    `SamplingParams.constraint` factory)."""
+    """A compiled grammar; calling it makes a fresh per-row constraint (the engine's
+    `SamplingParams.constraint` factory): a copy of the never-used matcher, which shares
+    the compiled grammar."""
 
-    compiler: GrammarCompiler
-    grammar: str
+    pristine: object
 
     def __call__(self) -> "GrammarConstraint":
-        matcher = self.compiler._llg.LLMatcher(self.compiler.tokenizer, self.grammar, log_level=0)
-        return GrammarConstraint(matcher)
+        return GrammarConstraint(self.pristine.deep_copy())
 
 
 class GrammarConstraint:
