@@ -59,7 +59,7 @@ def lark_grammar(lark: str) -> str:
 
 def schema_for_lark(schema: dict) -> str:
     """A JSON schema as the inline `%json {...}` of a Lark rule, with compact JSON."""
-    return "%json " + json.dumps({**schema, "x-guidance": {**schema.get("x-guidance", {}), **JSON_OPTIONS}})
+    return "%json " + json.dumps({**schema, "x-guidance": JSON_OPTIONS})
 
 
 class GrammarCompiler:
