@@ -11,16 +11,16 @@ from fastapi.security import HTTPBearer
 from hatrack.server.auth import Unauthorized
 from hatrack.server.catalog import BaseMismatch, ModelNotFound, Target
 from hatrack.server.completions import CHAT, TEXT, Job, Kind, Runner, sampling_params
+from hatrack.server.engine.constraints import GrammarError
 from hatrack.server.errors import APIError, bad_request, model_not_found, strip_paths
 from hatrack.server.openapi import (
     ChatCompletion, ChatCompletionChunk, Health, ModelCard, ModelList, Ready, TextCompletion,
     TextCompletionChunk, completion_ok, errors,
 )
-from hatrack.server.engine.constraints import GrammarError
 from hatrack.server.schemas import ChatCompletionRequest, CompletionRequest, error_body
+from hatrack.server.state import ServerState
 from hatrack.server.structured import request_grammar, wants_tool_calls
 from hatrack.tool_format import render_chat
-from hatrack.server.state import ServerState
 
 
 def app_state(request: Request) -> ServerState:
