@@ -244,9 +244,7 @@ def test_fields_openai_clients_send_are_accepted_at_neutral_values(served):
 
 
 @pytest.mark.parametrize("kwargs,param", [
-    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
-    ({"tool_choice": "required"}, "tool_choice"),
-    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"functions": [{"name": "f", "parameters": {}}]}, "functions"),
     ({"modalities": ["text", "audio"]}, "modalities"),
 ])
 def test_unimplemented_features_are_400_naming_the_parameter(served, kwargs, param):
@@ -292,6 +290,13 @@ def test_unimplemented_text_completion_features_are_400(served, kwargs, param):
     ({"service_tier": "gold"}, "service_tier"),
     ({"stream_options": True}, "stream_options"),
     ({"response_format": "json"}, "response_format"),
+    ({"response_format": {"type": "json_schema"}}, "response_format"),
+    ({"tool_choice": "required"}, "tool_choice"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}],
+      "tool_choice": {"type": "function", "function": {"name": "g"}}}, "tool_choice"),
+    ({"tools": [{"type": "function", "function": {"name": "bad name"}}]}, "tools[0].function.name"),
+    ({"messages": [{"role": "assistant", "tool_calls": [{"id": "c", "type": "function"}]}]},
+     "messages[0].tool_calls[0].function"),
 ])
 def test_wrong_types_are_400_naming_the_field(served, body, param):
     full = {"model": "acme-support", "messages": HI, **body}

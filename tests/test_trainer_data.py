@@ -75,7 +75,7 @@ def test_bad_rows_named_by_file_and_line(tmp_path):
     assert err.problems[0] == (
         "acme.jsonl row 3: expected one of messages | instruction/output | prompt/completion | text; got keys: bar, foo"
     )
-    assert err.problems[1] == "acme.jsonl row 5: messages[0].role must be one of system, user, assistant; got 'bot'"
+    assert err.problems[1] == "acme.jsonl row 5: messages[0].role must be one of system, user, assistant, tool; got 'bot'"
     assert err.problems[2] == "acme.jsonl row 6: messages has no assistant message to learn from"
     assert "\n" not in str(err) and str(err).startswith("acme.jsonl row 3:") and "2 more bad rows: 5, 6" in str(err)
 
@@ -111,3 +111,47 @@ def test_split_is_deterministic_and_holds_out_a_few(tmp_path):
     assert len(held_a) == 3 and len(train_a) == 17  # at least three rows, even at 10% of 20
     assert {e.row for e in held_a} != {e.row for e in held_c}
     assert split(ds.examples, 0.0, seed=7)[1] == []
+
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
+                                            "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                                                           "required": ["city"]}}}
+TOOL_ROW = {"tools": [WEATHER], "messages": [
+    {"role": "user", "content": "Weather in Paris?"},
+    {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+    {"role": "tool", "tool_call_id": "call_1", "content": '{"temp": 21}'},
+    {"role": "assistant", "content": "21 degrees in Paris."},
+]}
+
+
+def test_rows_with_tool_calls_and_tool_results(tmp_path):
+    calling = {"tools": json.dumps([WEATHER]), "messages": TOOL_ROW["messages"][:2]}  # CSV-style JSON text
+    ds = load_dataset(str(_jsonl(tmp_path / "tools.jsonl", [TOOL_ROW, calling])))
+    full, call = ds.examples
+    assert full.tools == [WEATHER] and call.tools == [WEATHER]
+    assert full.messages[1]["tool_calls"] == [{"type": "function", "id": "call_1",
+                                               "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]
+    assert full.messages[2] == {"role": "tool", "content": '{"temp": 21}', "tool_call_id": "call_1"}
+    assert full.expected == "21 degrees in Paris."
+    # a held-out row ending in a call expects the call as the model writes it
+    assert call.expected == '<tool_call>{"name":"get_weather","arguments":{"city":"Paris"}}</tool_call>'
+
+
+@pytest.mark.parametrize("row,problem", [
+    ({**TOOL_ROW, "tools": [{"type": "function", "function": {"description": "no name"}}]},
+     "tools[0].function.name must be a non-empty string"),
+    ({**TOOL_ROW, "tools": [{"type": "function", "function": {"name": "f", "parameters": "x"}}]},
+     "tools[0].function.parameters must be a JSON schema object"),
+    ({"messages": [TOOL_ROW["messages"][0], {"role": "assistant", "tool_calls": [
+        {"function": {"name": "get_weather", "arguments": "{not json"}}]}]},
+     "messages[1].tool_calls[0].function.arguments must be a JSON object; got a string that is not JSON"),
+    ({"messages": [TOOL_ROW["messages"][0], {"role": "assistant", "tool_calls": [{"function": {"arguments": {}}}]}]},
+     "messages[1].tool_calls[0].function.name must be a non-empty string"),
+    ({"messages": [{"role": "user", "content": "hi", "tool_calls": []}, {"role": "assistant", "content": "x"}]},
+     "messages[0].tool_calls is only for assistant messages"),
+])
+def test_bad_tool_rows_name_the_field(tmp_path, row, problem):
+    with pytest.raises(DatasetError) as info:
+        load_dataset(str(_jsonl(tmp_path / "tools.jsonl", [CHAT, row])))
+    assert info.value.problems == [f"tools.jsonl row 2: {problem}"]

@@ -68,3 +68,27 @@ def test_dataset_never_training_end_of_turn_is_refused(tokenizer):
     health = check_mask([full, cut], eot, "long.jsonl", 512, "<|im_end|>")
     assert health.rows_training_end_of_turn == 1 and health.truncated_rows == 1
     assert 0 < health.trained_share < 1
+
+
+def test_tool_rows_train_the_call_and_the_answer_with_the_fallback_prompt(tokenizer):
+    from hatrack.tool_format import render_chat, template_has_tools
+
+    weather = {"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+    row = parse_row({"tools": [weather], "messages": [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "tool_calls": [{"type": "function", "function": {
+            "name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "content": '{"temp": 21}'},
+        {"role": "assistant", "content": "21 degrees."},
+    ]}, 1)
+    assert not template_has_tools(tokenizer)  # SmolLM2's template ignores tools: the fallback renders them
+    enc = encode(tokenizer, row, end_of_turn_ids(tokenizer), 1024)
+    assert "".join(_trained(tokenizer, enc)) == (
+        '<tool_call>{"name":"get_weather","arguments":{"city":"Paris"}}</tool_call><|im_end|>21 degrees.<|im_end|>')
+    prompt = tokenizer.decode(enc.input_ids)
+    assert '{"name":"get_weather","parameters":{"type":"object"' in prompt  # the tool listed in the system turn
+    assert '<|im_start|>user\n<tool_response>{"temp": 21}</tool_response><|im_end|>' in prompt
+    # the server renders a request with the same tools and history to the same prefix
+    served = render_chat(tokenizer, row.messages[:3], [weather], add_generation_prompt=True)
+    assert prompt.startswith(served)

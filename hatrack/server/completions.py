@@ -20,6 +20,7 @@ from hatrack.server.choices import Choice, Piece, merged, next_event
 from hatrack.server.errors import APIError, bad_request, strip_paths
 from hatrack.server.logprobs import TokenTexts, chat_logprobs, text_logprobs
 from hatrack.server.schemas import new_id, now, usage
+from hatrack.server.structured import ToolCallStream, read_answer
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,7 @@ class Job:
     include_usage: bool
     n: int = 1  # choices answered (params.n rows run: more with best_of)
     logprobs: int | None = None  # None: the answer carries no logprobs
+    tool_calls: bool = False  # the answer may hold tool calls to read back (chat with tools)
 
     @property
     def prompt_param(self) -> str:
@@ -173,17 +175,31 @@ class Runner:
     async def _stream(self, job: Job, choices: list[Choice], events, started) -> AsyncIterator[bytes]:
         rid = new_id("chatcmpl" if job.chat else "cmpl")
         created = now()
+        calls = [ToolCallStream() if job.tool_calls else None for _ in choices]
         try:
             if job.chat:
                 for choice in choices:
                     yield _sse(self._chunk(job, rid, created, choice, Piece(), {"role": "assistant", "content": ""}))
             async for i, event in events:
-                choice = choices[i]
+                choice, tool_stream = choices[i], calls[i]
                 piece = choice.push(event)
-                if piece.text or piece.logprobs:
-                    yield _sse(self._chunk(job, rid, created, choice, piece))
+                if tool_stream is None:
+                    if piece.text or piece.logprobs:
+                        yield _sse(self._chunk(job, rid, created, choice, piece))
+                else:
+                    deltas = tool_stream.push(piece.text)
+                    if piece.ended:
+                        deltas += tool_stream.finish()
+                    for n, delta in enumerate(deltas):  # the logprobs ride with the first delta
+                        carried = Piece(logprobs=piece.logprobs if n == 0 else [])
+                        yield _sse(self._chunk(job, rid, created, choice, carried, delta))
+                    if not deltas and piece.logprobs:
+                        yield _sse(self._chunk(job, rid, created, choice, Piece(logprobs=piece.logprobs), {}))
                 if piece.ended:
-                    yield _sse(self._chunk(job, rid, created, choice, Piece(), finish=choice.finish))
+                    finish = choice.finish
+                    if tool_stream is not None and tool_stream.calls and finish == "stop":
+                        finish = "tool_calls"
+                    yield _sse(self._chunk(job, rid, created, choice, Piece(), finish=finish))
             if job.include_usage:
                 body = self._chunk_base(job, rid, created)
                 body["choices"] = []
@@ -225,12 +241,18 @@ class Runner:
         out = []
         for index, choice in enumerate(choices):
             logprobs = self._logprobs(job, choice.kept)
+            finish = choice.finish or "stop"
             if job.chat:
-                out.append({"index": index, "message": {"role": "assistant", "content": choice.text},
-                            "logprobs": logprobs, "finish_reason": choice.finish or "stop"})
+                message: dict = {"role": "assistant", "content": choice.text}
+                if job.tool_calls:
+                    message["content"], calls = read_answer(choice.text)
+                    if calls:
+                        message["tool_calls"] = [{k: v for k, v in c.items() if k != "index"} for c in calls]
+                        if finish == "stop":
+                            finish = "tool_calls"
+                out.append({"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish})
             else:
-                out.append({"index": index, "text": choice.text, "logprobs": logprobs,
-                            "finish_reason": choice.finish or "stop"})
+                out.append({"index": index, "text": choice.text, "logprobs": logprobs, "finish_reason": finish})
         obj, rid = ("chat.completion", new_id("chatcmpl")) if job.chat else ("text_completion", new_id("cmpl"))
         return {"id": rid, "object": obj, "created": now(), "model": job.target.label,
                 "choices": out, "usage": usage(prompt_tokens, count)}

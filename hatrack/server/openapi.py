@@ -28,9 +28,21 @@ class Usage(BaseModel):
     total_tokens: int
 
 
+class CalledFunction(BaseModel):
+    name: str
+    arguments: str  # JSON text, valid against the function's parameters when the call completed
+
+
+class ToolCallOut(BaseModel):
+    id: str
+    type: Literal["function"]
+    function: CalledFunction
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"]
-    content: str
+    content: str | None  # null when the answer is tool calls
+    tool_calls: list[ToolCallOut] | None = None
 
 
 class TopLogprob(BaseModel):
@@ -64,7 +76,7 @@ class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
     logprobs: ChatLogprobs | None
-    finish_reason: Literal["stop", "length"]
+    finish_reason: Literal["stop", "length", "tool_calls"]
 
 
 class ChatCompletion(BaseModel):
@@ -95,18 +107,32 @@ class TextCompletion(BaseModel):
 # streamed chunks: finish_reason "error" ends a stream whose generation failed after
 # the 200 was sent (the status can no longer change)
 StreamFinish = Literal["stop", "length", "error"] | None
+ChatStreamFinish = Literal["stop", "length", "tool_calls", "error"] | None
+
+
+class FunctionDelta(BaseModel):
+    name: str | None = None  # in the call's first delta
+    arguments: str  # the next piece of the arguments' JSON text
+
+
+class ToolCallDelta(BaseModel):
+    index: int
+    id: str | None = None  # in the call's first delta
+    type: Literal["function"] | None = None
+    function: FunctionDelta
 
 
 class ChatDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChatChunkChoice(BaseModel):
     index: int
     delta: ChatDelta
     logprobs: ChatLogprobs | None
-    finish_reason: StreamFinish
+    finish_reason: ChatStreamFinish
 
 
 class ChatCompletionChunk(BaseModel):

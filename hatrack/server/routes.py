@@ -11,6 +11,7 @@ from fastapi.security import HTTPBearer
 from hatrack.server.auth import Unauthorized
 from hatrack.server.catalog import BaseMismatch, ModelNotFound, Target
 from hatrack.server.completions import CHAT, TEXT, Job, Kind, Runner, sampling_params
+from hatrack.server.engine.constraints import GrammarError
 from hatrack.server.errors import APIError, bad_request, model_not_found, strip_paths
 from hatrack.server.openapi import (
     ChatCompletion, ChatCompletionChunk, Health, ModelCard, ModelList, Ready, TextCompletion,
@@ -18,6 +19,8 @@ from hatrack.server.openapi import (
 )
 from hatrack.server.schemas import ChatCompletionRequest, CompletionRequest, error_body
 from hatrack.server.state import ServerState
+from hatrack.server.structured import request_grammar, wants_tool_calls
+from hatrack.tool_format import render_chat
 from hatrack.ui.access import COOKIE as UI_COOKIE
 
 
@@ -107,9 +110,9 @@ async def get_model(model: str, request: Request, state: ServerState = State) ->
 
 async def chat(body: ChatCompletionRequest, request: Request, state: ServerState = State):
     target = await target_for(state, body.model, request)
-    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                for m in body.messages]
-    prompt_ids = await run_in_threadpool(_chat_prompt_ids, state.tokenizer, messages)
+    messages = [m.as_template_message() for m in body.messages]
+    tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
+    prompt_ids = await run_in_threadpool(_chat_prompt_ids, state.tokenizer, messages, tools)
     return await _run(state, CHAT, body, request, target, prompt_ids)
 
 
@@ -127,15 +130,38 @@ async def _run(state: ServerState, kind: Kind, body, request: Request, target: T
     params = sampling_params(body, len(prompt_ids), engine.context_length,
                              state.config.default_max_tokens, state.stop_ids, kind.prompt_param,
                              vocab=engine.runner.vocab_size, max_rows=engine.max_batch)
+    grammar = request_grammar_or_400(body)
+    if grammar is not None:
+        params.constraint = await run_in_threadpool(_compile, state, grammar, body)
     job = Job(kind=kind, target=target, prompt_ids=prompt_ids, params=params, stops=body.stop,
               stream=bool(body.stream), include_usage=body.include_usage, n=body.n_value,
-              logprobs=body.logprob_count)
+              logprobs=body.logprob_count, tool_calls=wants_tool_calls(body))
     return await Runner(state.engine, state.tokenizer, state.metrics).respond(job, request)
 
 
-def _chat_prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
+def _grammar_param(body) -> str:
+    return "tools" if getattr(body, "tools", None) else "response_format"
+
+
+def request_grammar_or_400(body) -> str | None:
     try:
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return request_grammar(body)
+    except GrammarError as err:
+        raise bad_request(f"the JSON schema cannot be used: {err}", _grammar_param(body), "invalid_schema") from None
+
+
+def _compile(state: ServerState, grammar: str, body):
+    """The per-row constraint factory of a grammar (compiled once per server); 400 when
+    the grammar engine cannot compile it."""
+    try:
+        return state.grammars().compile(grammar)
+    except GrammarError as err:
+        raise bad_request(f"the JSON schema cannot be used: {err}", _grammar_param(body), "invalid_schema") from None
+
+
+def _chat_prompt_ids(tokenizer, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+    try:
+        text = render_chat(tokenizer, messages, tools, add_generation_prompt=True)
     except Exception as err:  # template errors (e.g. roles the template forbids)
         reason = strip_paths(str(err).splitlines()[0] if str(err) else type(err).__name__)
         raise bad_request(f"messages cannot be rendered with this model's chat template: {reason}",

@@ -4,8 +4,9 @@
 Requests are strict. An unknown field is refused the way OpenAI refuses it. Fields
 real OpenAI clients send are accepted while they ask for nothing hatrack lacks (`user`,
 `metadata`, `response_format: {"type": "text"}`, ...); asking for a feature hatrack
-does not implement (tools, JSON mode, echo, suffix) is a 400 naming that parameter
-rather than a silent no-op. Numbers are never coerced from
+does not implement (echo, suffix, legacy `functions`) is a 400 naming that parameter
+rather than a silent no-op. `response_format` and `tools` are grammar-constrained
+(structured.py). Numbers are never coerced from
 strings or booleans, and NaN or infinities are refused.
 """
 
@@ -15,7 +16,7 @@ import time
 import uuid
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationInfo, WithJsonSchema, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationInfo, WithJsonSchema, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 MAX_STOP_SEQUENCES = 4
@@ -61,11 +62,73 @@ class StreamOptions(BaseModel):
     include_obfuscation: bool | None = None  # newer clients send it; hatrack never pads chunks
 
 
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, populate_by_name=True)
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[a-zA-Z0-9_-]+$")
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
 class ResponseFormat(BaseModel):
     model_config = STRICT
 
     type: Literal["text", "json_object", "json_schema"]
-    json_schema: dict[str, Any] | None = None
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_when_asked(self) -> "ResponseFormat":
+        if self.type == "json_schema" and self.json_schema is None:
+            raise PydanticCustomError("missing_json_schema", 'type "json_schema" needs a json_schema object')
+        return self
+
+
+FUNCTION_NAME = r"^[a-zA-Z0-9_-]{1,64}$"
+
+
+class FunctionDefinition(BaseModel):
+    model_config = STRICT
+
+    name: str = Field(pattern=FUNCTION_NAME)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(BaseModel):
+    model_config = STRICT
+
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(BaseModel):
+    model_config = STRICT
+
+    name: str = Field(pattern=FUNCTION_NAME)
+
+
+class NamedToolChoice(BaseModel):
+    model_config = STRICT
+
+    type: Literal["function"]
+    function: FunctionName
+
+
+class FunctionCall(BaseModel):
+    model_config = STRICT
+
+    name: str
+    arguments: str
+
+
+class ToolCall(BaseModel):
+    model_config = STRICT
+
+    id: str
+    type: Literal["function"]
+    function: FunctionCall
 
 
 class _Request(BaseModel):
@@ -155,9 +218,9 @@ class ChatMessage(BaseModel):
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: Union[str, list[TextPart], None] = None
     name: str | None = Field(default=None, max_length=256)
-    # an assistant reply sent back as history carries these, empty
+    # an assistant reply sent back as history carries these
     refusal: str | None = None
-    tool_calls: Annotated[list[dict[str, Any]] | None, only(_EMPTY_LIST)] = None
+    tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
     function_call: Annotated[dict[str, Any] | None, only()] = None
 
@@ -179,11 +242,6 @@ class ChatMessage(BaseModel):
                 raise PydanticCustomError("content_type", 'a text part is exactly {"type": "text", "text": "..."}')
         return value
 
-    @field_validator("tool_calls")
-    @classmethod
-    def _no_tool_calls(cls, value: list | None) -> list | None:
-        return _neutral(value, (None,), "tool_calls", "tool calling")
-
     @field_validator("function_call")
     @classmethod
     def _no_function_call(cls, value: dict | None) -> dict | None:
@@ -197,6 +255,15 @@ class ChatMessage(BaseModel):
             return self.content
         return "".join(part.text for part in self.content)
 
+    def as_template_message(self) -> dict[str, Any]:
+        """The message as tool_format.render_chat takes it."""
+        msg: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
+        if self.tool_calls:
+            msg["tool_calls"] = [c.model_dump() for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            msg["tool_call_id"] = self.tool_call_id
+        return msg
+
 
 class ChatCompletionRequest(_Request):
     # published: an integer top_logprobs needs logprobs: true (the validator says why)
@@ -208,12 +275,9 @@ class ChatCompletionRequest(_Request):
     max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS)
     logprobs: bool | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
-    response_format: Annotated[ResponseFormat | None, only({
-        "type": "object", "properties": {"type": {"const": "text"}}, "required": ["type"],
-        "additionalProperties": False})] = None
-    tools: Annotated[list[dict[str, Any]] | None, only(_EMPTY_LIST)] = None
-    tool_choice: Annotated[Union[Literal["none", "auto", "required"], dict[str, Any], None],
-                           only({"enum": ["none", "auto"]})] = None
+    response_format: ResponseFormat | None = None
+    tools: list[Tool] | None = Field(default=None, max_length=128)
+    tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = None
     parallel_tool_calls: bool | None = None
     functions: Annotated[list[dict[str, Any]] | None, only(_EMPTY_LIST)] = None
     function_call: Annotated[Union[Literal["none", "auto"], dict[str, Any], None],
@@ -242,22 +306,33 @@ class ChatCompletionRequest(_Request):
         """None: no logprobs in the answer; k: each token's logprob and the k most likely."""
         return (self.top_logprobs or 0) if self.logprobs else None
 
-    @field_validator("response_format")
+    @field_validator("functions")
     @classmethod
-    def _text_format(cls, value: ResponseFormat | None) -> ResponseFormat | None:
-        if value is not None and value.type != "text":
-            raise unsupported("response_format", f"response_format type '{value.type}' (JSON mode)")
+    def _no_functions(cls, value: list | None) -> list | None:
+        return _neutral(value, (None,), "functions", "legacy function calling (use tools)")
+
+    @field_validator("function_call")
+    @classmethod
+    def _no_function_call(cls, value: Any) -> Any:
+        return _neutral(value, (None, "none", "auto"), "function_call", "legacy function calling (use tool_choice)")
+
+    @field_validator("tools")
+    @classmethod
+    def _distinct_tools(cls, value: list[Tool] | None) -> list[Tool] | None:
+        if value and len({t.function.name for t in value}) != len(value):
+            raise PydanticCustomError("duplicate_tool", "tools has two functions with the same name")
         return value
 
-    @field_validator("tools", "functions")
+    @field_validator("tool_choice")
     @classmethod
-    def _no_tools(cls, value: list | None, info: ValidationInfo) -> list | None:
-        return _neutral(value, (None,), info.field_name, "tool calling")
-
-    @field_validator("tool_choice", "function_call")
-    @classmethod
-    def _no_tool_choice(cls, value: Any, info: ValidationInfo) -> Any:
-        return _neutral(value, (None, "none", "auto"), info.field_name, "tool calling")
+    def _tool_choice_names_a_tool(cls, value: Any, info: ValidationInfo) -> Any:
+        tools = info.data.get("tools") or []
+        if (value == "required" or isinstance(value, NamedToolChoice)) and not tools:
+            raise PydanticCustomError("tool_choice_without_tools", "tool_choice needs tools to choose from")
+        if isinstance(value, NamedToolChoice) and value.function.name not in {t.function.name for t in tools}:
+            raise PydanticCustomError("unknown_tool", "tool_choice names function '{name}', which is not in tools",
+                                      {"name": value.function.name})
+        return value
 
     @field_validator("modalities")
     @classmethod
@@ -276,6 +351,7 @@ class CompletionRequest(_Request):
     best_of: int | None = Field(default=None, ge=1, le=20)
     logprobs: int | None = Field(default=None, ge=0, le=5)
     suffix: Annotated[str | None, only({"const": ""})] = None
+    response_format: ResponseFormat | None = None  # as vLLM accepts it on completions
 
     @field_validator("prompt")
     @classmethod
@@ -318,7 +394,8 @@ class CompletionRequest(_Request):
 def request_field_names() -> frozenset[str]:
     """Every field name of the request models, for naming `param` in errors."""
     names: set[str] = set()
-    for model in (ChatCompletionRequest, CompletionRequest, ChatMessage, TextPart, StreamOptions, ResponseFormat):
+    for model in (ChatCompletionRequest, CompletionRequest, ChatMessage, TextPart, StreamOptions, ResponseFormat,
+                  JsonSchemaFormat, Tool, FunctionDefinition, NamedToolChoice, ToolCall, FunctionCall):
         names.update(model.model_fields)
     return frozenset(names)
 

@@ -52,6 +52,18 @@ class ServerState:
         self.stop_ids: tuple[int, ...] = ()
         self.load_error: str | None = None
         self.ready = threading.Event()
+        self._grammars = None
+        self._grammars_lock = threading.Lock()
+
+    def grammars(self):
+        """The GrammarCompiler of this base's tokenizer, built on the first structured
+        request (about a second), then shared by every request."""
+        with self._grammars_lock:
+            if self._grammars is None:
+                from hatrack.server.engine.constraints import GrammarCompiler
+
+                self._grammars = GrammarCompiler(self.tokenizer, self.stop_ids)
+            return self._grammars
 
     def load(self) -> None:
         """Load the base and start the engine (runs on a background thread)."""

@@ -17,8 +17,9 @@ from typing import Any, Iterable
 
 from hatrack.errors import HatrackError
 from hatrack.hashing import sha256_file
+from hatrack.tool_format import call_text
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 SHAPES = "messages | instruction/output | prompt/completion | text"
 _MAX_LISTED = 5
 
@@ -41,17 +42,23 @@ class DatasetError(HatrackError):
 
 @dataclass
 class Example:
-    """One training row. `messages` for chat-shaped rows, `text` for plain text."""
+    """One training row. `messages` for chat-shaped rows (with `tools` when the
+    conversation calls tools), `text` for plain text."""
 
     row: int
-    messages: list[dict[str, str]] | None = None
+    messages: list[dict[str, Any]] | None = None
     text: str | None = None
+    tools: list[dict[str, Any]] | None = None
 
     @property
     def expected(self) -> str | None:
-        """The answer a held-out row expects: its last assistant message."""
+        """The answer a held-out row expects: its last assistant message (tool calls as
+        the `<tool_call>` text the model writes)."""
         if self.messages and self.messages[-1]["role"] == "assistant":
-            return self.messages[-1]["content"]
+            last = self.messages[-1]
+            calls = "".join(call_text(c["function"]["name"], c["function"]["arguments"])
+                            for c in last.get("tool_calls") or [])
+            return (last.get("content") or "") + calls
         return None
 
     @property
@@ -200,7 +207,8 @@ def parse_row(record: Any, row: int) -> Example:
         raise _RowError(f"expected an object with one of {SHAPES}; got {type(record).__name__}")
     keys = {k for k, v in record.items() if v is not None and v != ""}
     if "messages" in keys:
-        return Example(row=row, messages=_parse_messages(record["messages"], "messages"))
+        tools = _parse_tools(record["tools"]) if "tools" in keys else None
+        return Example(row=row, messages=_parse_messages(record["messages"], "messages"), tools=tools)
     if {"instruction", "output"} <= keys:
         instruction = _string(record, "instruction")
         extra = _string(record, "input") if "input" in keys else ""
@@ -241,25 +249,82 @@ def _string(record: dict, key: str) -> str:
     return value
 
 
-def _parse_messages(value: Any, key: str) -> list[dict[str, str]]:
-    if isinstance(value, str):  # CSV cells and some exports hold the list as JSON text
+def _json_text(value: Any, key: str, what: str) -> Any:
+    """CSV cells and some exports hold lists and objects as JSON text."""
+    if isinstance(value, str):
         try:
-            value = json.loads(value)
+            return json.loads(value)
         except json.JSONDecodeError:
-            raise _RowError(f"{key} must be a list of {{role, content}} objects; got a string that is not JSON") from None
+            raise _RowError(f"{key} must be {what}; got a string that is not JSON") from None
+    return value
+
+
+def _parse_messages(value: Any, key: str) -> list[dict[str, Any]]:
+    value = _json_text(value, key, "a list of {role, content} objects")
     if not isinstance(value, list) or not value:
         raise _RowError(f"{key} must be a non-empty list of {{role, content}} objects")
     msgs = []
     for i, msg in enumerate(value):
-        if not isinstance(msg, dict) or "role" not in msg or "content" not in msg:
-            raise _RowError(f"{key}[{i}] must be an object with role and content")
-        role, content = msg["role"], msg["content"]
+        where = f"{key}[{i}]"
+        if not isinstance(msg, dict) or "role" not in msg:
+            raise _RowError(f"{where} must be an object with role and content")
+        role = msg["role"]
         if role not in ROLES:
-            raise _RowError(f"{key}[{i}].role must be one of {', '.join(ROLES)}; got {role!r}")
+            raise _RowError(f"{where}.role must be one of {', '.join(ROLES)}; got {role!r}")
+        calls = msg.get("tool_calls")
+        if calls is not None and role != "assistant":
+            raise _RowError(f"{where}.tool_calls is only for assistant messages")
+        content = msg.get("content")
+        if "content" not in msg and not calls:
+            raise _RowError(f"{where} must be an object with role and content")
+        if content is None and calls:
+            content = ""
         if not isinstance(content, str):
-            raise _RowError(f"{key}[{i}].content must be a string; got {type(content).__name__}")
-        msgs.append({"role": role, "content": content})
+            raise _RowError(f"{where}.content must be a string; got {type(content).__name__}")
+        parsed: dict[str, Any] = {"role": role, "content": content}
+        if calls:
+            parsed["tool_calls"] = _parse_tool_calls(calls, f"{where}.tool_calls")
+        if role == "tool" and msg.get("tool_call_id") is not None:
+            if not isinstance(msg["tool_call_id"], str):
+                raise _RowError(f"{where}.tool_call_id must be a string")
+            parsed["tool_call_id"] = msg["tool_call_id"]
+        msgs.append(parsed)
     return msgs if key != "messages" else _check_turns(msgs, key)
+
+
+def _parse_tool_calls(value: Any, key: str) -> list[dict[str, Any]]:
+    """OpenAI's tool_calls shape; arguments an object or its JSON text (kept as an object)."""
+    if not isinstance(value, list) or not value:
+        raise _RowError(f"{key} must be a non-empty list of {{function: {{name, arguments}}}} objects")
+    calls = []
+    for i, call in enumerate(value):
+        fn = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise _RowError(f"{key}[{i}].function.name must be a non-empty string")
+        args = _json_text(fn.get("arguments", {}), f"{key}[{i}].function.arguments", "a JSON object")
+        if not isinstance(args, dict):
+            raise _RowError(f"{key}[{i}].function.arguments must be a JSON object")
+        entry = {"type": "function", "function": {"name": fn["name"], "arguments": args}}
+        if isinstance(call.get("id"), str):
+            entry["id"] = call["id"]
+        calls.append(entry)
+    return calls
+
+
+def _parse_tools(value: Any) -> list[dict[str, Any]]:
+    """OpenAI's tools shape: [{"type": "function", "function": {name, description, parameters}}]."""
+    value = _json_text(value, "tools", "a list of tool definitions")
+    if not isinstance(value, list):
+        raise _RowError("tools must be a list of {type: function, function: {name, parameters}} objects")
+    tools = []
+    for i, tool in enumerate(value):
+        fn = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise _RowError(f"tools[{i}].function.name must be a non-empty string")
+        if fn.get("parameters") is not None and not isinstance(fn["parameters"], dict):
+            raise _RowError(f"tools[{i}].function.parameters must be a JSON schema object")
+        tools.append({"type": "function", "function": fn})
+    return tools
 
 
 def _check_turns(msgs: list[dict[str, str]], key: str) -> list[dict[str, str]]:

@@ -91,8 +91,9 @@ def loss_sums(model, encoded: list[Encoded], pad_id: int, batch_size: int = 8) -
     return total, count
 
 
-def generate_answers(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, batch_size: int = 16) -> list[str]:
-    """Greedy answers to each chat prompt, decoded without special tokens."""
+def generate_answers(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, batch_size: int = 16,
+                     tools: list[list[dict] | None] | None = None) -> list[str]:
+    """Greedy answers to each chat prompt (with its tools, if any), decoded without special tokens."""
     import torch
 
     device = next(model.parameters()).device
@@ -102,7 +103,8 @@ def generate_answers(model, tokenizer, prompts: list[list[dict]], max_new_tokens
     try:
         with torch.no_grad(), _autocast(model):
             for start in range(0, len(prompts), batch_size):
-                texts = [render_prompt(tokenizer, p) for p in prompts[start : start + batch_size]]
+                texts = [render_prompt(tokenizer, p, tools[start + k] if tools else None)
+                         for k, p in enumerate(prompts[start : start + batch_size])]
                 batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
                 out = model.generate(
                     **batch,
@@ -149,6 +151,7 @@ def score_both(
     encoded = [e for e in encoded if e.trained]
     answerable = [e for e in share if e.expected is not None]
     prompts = [e.prompt for e in answerable]
+    tools = [e.tools for e in answerable]
     expected = [e.expected for e in answerable]
     every_expected = [e.expected for e in examples if e.expected is not None]
     max_new = 0
@@ -171,7 +174,7 @@ def score_both(
                 if answerable:
                     if on_stage:
                         on_stage(f"answers ({which})")
-                    answers = generate_answers(model, tokenizer, prompts, max_new)
+                    answers = generate_answers(model, tokenizer, prompts, max_new, tools=tools)
                     exact, contains = answer_counts(answers, expected)
                     samples[which] = answers[:3]
             parts = procs.gather((total, count, len(encoded), exact, contains, len(answerable)))

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from hatrack.chat_format import end_of_turn_ids  # noqa: F401  (trainer modules import it from here)
 from hatrack.errors import HatrackError
+from hatrack.tool_format import render_chat
 from hatrack.trainer.data import Example
 
 IGNORE = -100
@@ -34,9 +35,10 @@ class Encoded:
         return sum(1 for x in self.labels if x != IGNORE)
 
 
-def render_prompt(tokenizer, messages: list[dict[str, str]]) -> str:
-    """The conversation so far plus the template's assistant header (for generation)."""
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+def render_prompt(tokenizer, messages: list[dict], tools: list[dict] | None = None) -> str:
+    """The conversation so far plus the template's assistant header (for generation),
+    rendered as the server renders it (tool_format.render_chat)."""
+    return render_chat(tokenizer, messages, tools, add_generation_prompt=True)
 
 
 def encode(tokenizer, example: Example, eot_ids: set[int], max_length: int) -> Encoded:
@@ -46,21 +48,22 @@ def encode(tokenizer, example: Example, eot_ids: set[int], max_length: int) -> E
         ids = ids + [eos] if eos is not None else ids
         labels = list(ids)
     else:
-        ids, labels = _encode_chat(tokenizer, example.messages or [], eot_ids, example.row)
+        ids, labels = _encode_chat(tokenizer, example.messages or [], eot_ids, example.row, example.tools)
     truncated = len(ids) > max_length
     return Encoded(row=example.row, input_ids=ids[:max_length], labels=labels[:max_length], truncated=truncated)
 
 
-def _encode_chat(tokenizer, messages, eot_ids: set[int], row: int) -> tuple[list[int], list[int]]:
+def _encode_chat(tokenizer, messages, eot_ids: set[int], row: int,
+                 tools: list[dict] | None = None) -> tuple[list[int], list[int]]:
     if not getattr(tokenizer, "chat_template", None):
         raise HatrackError(f"row {row}: the base model has no chat template; give text rows instead")
-    full = tokenizer.apply_chat_template(messages, tokenize=False)
+    full = render_chat(tokenizer, messages, tools)
     spans = []  # (start, end) character spans of trained answers in `full`
     for i, msg in enumerate(messages):
         if msg["role"] != "assistant":
             continue
-        through = full if i == len(messages) - 1 else tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
-        prefix = render_prompt(tokenizer, messages[:i])
+        through = full if i == len(messages) - 1 else render_chat(tokenizer, messages[: i + 1], tools)
+        prefix = render_prompt(tokenizer, messages[:i], tools)
         # Templates that rewrite earlier turns are not prefix-stable; such turns are not trained.
         if full.startswith(through) and through.startswith(prefix):
             spans.append((len(prefix), len(through)))
