@@ -19,9 +19,9 @@ app = typer.Typer(
 
 
 def _install_commands() -> None:
-    from hatrack.cli import demo_cmd, registry_cmds, serve_cmds, train_cmds
+    from hatrack.cli import demo_cmd, integration_cmds, registry_cmds, serve_cmds, train_cmds
 
-    for module in (registry_cmds, train_cmds, serve_cmds, demo_cmd):
+    for module in (registry_cmds, train_cmds, serve_cmds, demo_cmd, integration_cmds):
         module.install(app)
 
 
