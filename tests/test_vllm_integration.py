@@ -16,7 +16,7 @@ import httpx
 import pytest
 from openai import NotFoundError, OpenAI
 
-from conftest import REPO, CACHE, hatrack_cli, write_peft_adapter
+from conftest import REPO, hatrack_cli, write_peft_adapter
 from serving import ServerProcess, free_port, hatrack_home_env
 
 pytestmark = pytest.mark.integration
@@ -26,8 +26,9 @@ BASE = "smollm2-135m"
 
 @pytest.fixture(scope="module")
 def vllm_python() -> Path:
-    """The cached venv's python; built on first use (several minutes, once)."""
-    venv = CACHE / "vllm-venv"
+    """The cached venv's python; built on first use (about 15 minutes on 2 cores, once).
+    It holds an editable install of this checkout, so it lives in the checkout."""
+    venv = Path(os.environ.get("HATRACK_VLLM_VENV") or REPO / ".test-cache" / "vllm-venv")
     proc = subprocess.run(["bash", str(REPO / "scripts" / "vllm-venv.sh"), str(venv)], capture_output=True,
                           text=True, timeout=3000)
     if proc.returncode != 0:
