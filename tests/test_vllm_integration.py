@@ -43,7 +43,7 @@ def fleet(tmp_path_factory, default_base_dir: Path, vllm_python: Path):
     home = tmp_path_factory.mktemp("vllm-fleet")
     os.environ["HATRACK_BASES_DIR"] = str(default_base_dir.parent)
     env = dict(os.environ, HATRACK_HOME=str(home), HATRACK_BASES_DIR=str(default_base_dir.parent))
-    servers = []
+    servers, procs = [], []
     try:
         with hatrack_home_env(home):
             from hatrack import basemodel
@@ -57,9 +57,6 @@ def fleet(tmp_path_factory, default_base_dir: Path, vllm_python: Path):
             reg.set_alias("acme", "prod", 1, force=True)
             reg.add_base("other", str(base.path), base.path, "0" * 64)  # same shapes, other weights
             reg.register(home / "src" / "acme1", name="globex", base="other")
-            hatrack = ServerProcess(home, "--quantize", "none", "--device", "cpu", "--no-auth").start()
-            servers.append(hatrack)
-
             port = free_port()
             cli = hatrack_cli(env)
             command = json.loads(cli("vllm", "command", BASE, "--json", "--python", str(vllm_python),
@@ -68,8 +65,13 @@ def fleet(tmp_path_factory, default_base_dir: Path, vllm_python: Path):
             log = home / "vllm.log"
             vllm_env = {**env, **command["env"], "VLLM_CPU_KVCACHE_SPACE": "1", "PYTHONPATH": str(REPO)}
             proc = subprocess.Popen(command["argv"], env=vllm_env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
+            procs.append(proc)
+            # both servers start at once: their cold starts overlap
+            hatrack = ServerProcess(home, "--quantize", "none", "--device", "cpu", "--no-auth")
+            servers.append(hatrack)
+            hatrack.start(timeout=600)
             url = f"http://127.0.0.1:{port}"
-            deadline = time.monotonic() + 420
+            deadline = time.monotonic() + 600
             while True:
                 if proc.poll() is not None:
                     raise RuntimeError(f"vLLM exited:\n{log.read_text()[-4000:]}")
@@ -79,13 +81,16 @@ def fleet(tmp_path_factory, default_base_dir: Path, vllm_python: Path):
                 except httpx.TransportError:
                     pass
                 if time.monotonic() > deadline:
-                    proc.kill()
                     raise RuntimeError(f"vLLM not ready:\n{log.read_text()[-4000:]}")
                 time.sleep(1)
             yield reg, hatrack, url, cli, log
-            proc.terminate()
-            proc.wait(60)
     finally:
+        for proc in procs:
+            proc.terminate()
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
         for server in servers:
             server.stop()
         os.environ.pop("HATRACK_BASES_DIR", None)
