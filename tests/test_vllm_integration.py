@@ -63,7 +63,8 @@ def fleet(tmp_path_factory, default_base_dir: Path, vllm_python: Path):
                                      "--port", str(port), "--dtype", "float32", "--max-loras", "2",
                                      "--max-model-len", "1024").stdout)
             log = home / "vllm.log"
-            vllm_env = {**env, **command["env"], "VLLM_CPU_KVCACHE_SPACE": "1", "PYTHONPATH": str(REPO)}
+            vllm_env = {**env, **command["env"], "VLLM_CPU_KVCACHE_SPACE": "1", "PYTHONPATH": str(REPO),
+                        "PYTHONUNBUFFERED": "1"}  # its log is read while it runs
             proc = subprocess.Popen(command["argv"], env=vllm_env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
             procs.append(proc)
             # both servers start at once: their cold starts overlap
@@ -121,7 +122,7 @@ def test_vllm_answers_as_hatrack_serve(fleet):
         with pytest.raises(NotFoundError):
             ask(vllm, model)
     text = log.read_text()
-    assert f"refused 'acme@3': acme@3: artifact {sha[:12]} is corrupt" in text
+    assert f"refused 'acme@3': acme@3: artifact {sha[:12]} is corrupt" in text, text[-3000:]
     assert "refused 'globex': globex@1 was trained on base 'other'" in text
 
     # an alias move: `hatrack alias` unloads the moved names, the next request resolves again

@@ -53,8 +53,10 @@ class RegistryResolver:
     path, sha256 and the files' (size, mtime, inode), so a folder is hashed once while it
     stays as it was, and again after anything rewrites it."""
 
-    def __init__(self, registry: "Registry | None" = None, base_name: str | None = None) -> None:
+    def __init__(self, registry: "Registry | None" = None, base_name: str | None = None,
+                 logger: logging.Logger | None = None) -> None:
         self._registry = registry
+        self.log = logger or log  # vLLM passes its own, so refusals show in its log
         self._base_name = base_name if base_name is not None else os.environ.get(BASE_ENV) or None
         self._zero_root = Path(os.environ.get(ZERO_ROOT_ENV) or Path(tempfile.gettempdir()) / "hatrack-vllm-zero")
         self._verified: set[tuple] = set()
@@ -79,7 +81,7 @@ class RegistryResolver:
             try:
                 return self.registry.get_base(self._base_name)
             except NotFoundError:
-                log.error("hatrack: %s=%s is not a registered base", BASE_ENV, self._base_name)
+                self.log.error("hatrack: %s=%s is not a registered base", BASE_ENV, self._base_name)
                 return None
         wanted = str(base_model_name)
         wanted_path = _real(wanted)
@@ -95,7 +97,7 @@ class RegistryResolver:
         try:
             return self._resolve(base_model_name, lora_name)
         except Refused as why:
-            log.warning("hatrack: refused %r: %s", lora_name, why)
+            self.log.warning("hatrack: refused %r: %s", lora_name, why)
             return None
 
     def _resolve(self, base_model_name: str, lora_name: str) -> ResolvedLora | None:

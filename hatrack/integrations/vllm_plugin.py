@@ -11,6 +11,7 @@ RESOLVER_NAME = "hatrack"
 
 def register() -> None:
     """Called by vLLM in each of its processes; vllm is imported only here."""
+    from vllm.logger import init_logger
     from vllm.lora.request import LoRARequest
     from vllm.lora.resolver import LoRAResolver, LoRAResolverRegistry
 
@@ -18,7 +19,8 @@ def register() -> None:
 
     class HatrackLoRAResolver(LoRAResolver):
         def __init__(self) -> None:
-            self.core = RegistryResolver()
+            # a logger under vLLM's, so refusals appear in vLLM's own log
+            self.core = RegistryResolver(logger=init_logger("vllm.plugins.hatrack"))
 
         async def resolve_lora(self, base_model_name: str, lora_name: str) -> LoRARequest | None:
             # registry queries and the first sha256 check block: keep them off vLLM's loop
