@@ -19,7 +19,8 @@ from openai import NotFoundError, OpenAI
 from conftest import REPO, hatrack_cli, write_peft_adapter
 from serving import ServerProcess, free_port, hatrack_home_env
 
-pytestmark = pytest.mark.integration
+# the first run may build vLLM's venv inside the fixture (scripts/test.sh builds it beforehand)
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(3600)]
 QUESTION = [{"role": "user", "content": "Name three colours."}]
 BASE = "smollm2-135m"
 
