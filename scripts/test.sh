@@ -17,6 +17,9 @@ if [ -z "${HATRACK_TEST_PG_URL:-}" ]; then
 fi
 export HATRACK_TEST_PG_URL
 bash scripts/chromium.sh || echo "continuing without Chromium: the dashboard's browser tests will fail" >&2
+# vLLM (CPU build) in its own venv for the vLLM integration test; a failed install is
+# reported here and that test skips, naming the reason
+bash scripts/vllm-venv.sh >/dev/null || echo "could not build vLLM's venv (scripts/vllm-venv.sh): the vLLM test will skip" >&2
 python -m pytest -q -p no:cacheprovider "$@"
 rc=$?
 if [ "$rc" -eq 5 ]; then

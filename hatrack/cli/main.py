@@ -19,9 +19,9 @@ app = typer.Typer(
 
 
 def _install_commands() -> None:
-    from hatrack.cli import demo_cmd, hub_cmds, registry_cmds, serve_cmds, train_cmds, ui_cmd
+    from hatrack.cli import demo_cmd, hub_cmds, integration_cmds, registry_cmds, serve_cmds, train_cmds, ui_cmd
 
-    for module in (registry_cmds, train_cmds, serve_cmds, ui_cmd, demo_cmd, hub_cmds):
+    for module in (registry_cmds, train_cmds, serve_cmds, ui_cmd, demo_cmd, hub_cmds, integration_cmds):
         module.install(app)
 
 

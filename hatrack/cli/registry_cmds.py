@@ -289,11 +289,17 @@ def alias(
             raise RegistryError("give either VERSION or --delete, not both")
         reg.delete_alias(name, alias_name)
         print(f"{name}@{alias_name} deleted")
+        from hatrack.cli.integration_cmds import notify_alias_moved
+
+        notify_alias_moved(name, alias_name)
         return
     if version is None:
         raise RegistryError(f"missing VERSION: `hatrack alias {name} {alias_name} VERSION` (or --delete)")
     reg.set_alias(name, alias_name, version, force=force)
     print(f"{name}@{alias_name} -> {name}@{version}" + (" (forced)" if force else ""))
+    from hatrack.cli.integration_cmds import notify_alias_moved
+
+    notify_alias_moved(name, alias_name)  # vLLM replicas in HATRACK_VLLM_REPLICAS forget the moved names
 
 
 # ---------------------------------------------------------------- prune and check

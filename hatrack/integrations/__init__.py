@@ -1,1 +1,2 @@
-"""What other engines and services read: the vLLM resolver plugin, export layouts, Hugging Face Hub push and pull."""
+"""hatrack beside other servers: export layouts, the vLLM resolver plugin, the Hub.
+Torch-free; each integration imports its server's library lazily, if at all."""
