@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from hatrack.errors import HatrackError
 from hatrack.server.catalog import Target
 from hatrack.server.engine import SamplingParams
-from hatrack.server.engine.errors import EngineStoppedError, PromptTooLongError, QueueFullError
+from hatrack.server.engine.errors import EngineStoppedError, KVBudgetError, PromptTooLongError, QueueFullError
 from hatrack.server.errors import APIError, bad_request, strip_paths
 from hatrack.server.schemas import new_id, now, usage
 from hatrack.server.textstream import TextStream
@@ -104,6 +104,8 @@ class Runner:
             raise APIError(503, "the server is shutting down", "server_error", "not_ready") from None
         except PromptTooLongError as err:
             raise bad_request(str(err), job.prompt_param, "context_length_exceeded") from None
+        except KVBudgetError as err:
+            raise bad_request(str(err), "max_tokens", "kv_cache_budget_exceeded") from None
         except HatrackError as err:
             raise bad_request(strip_paths(str(err)), None, "invalid_value") from None
 
@@ -116,6 +118,7 @@ class Runner:
         except StopAsyncIteration:
             first = None
         if first is not None and first.error is not None:
+            _raise_if_kv_full(first.error)
             if job.target.adapter is not None and isinstance(first.error, HatrackError):
                 # the adapter's stored artifact is unusable: this model's fault, not the server's
                 self._count(job, 422)
@@ -146,6 +149,7 @@ class Runner:
         event = first
         while event is not None:
             if event.error is not None:
+                _raise_if_kv_full(event.error)
                 raise APIError(500, "generation failed", "server_error", "generation_failed")
             if event.token_id is not None:
                 count += 1
@@ -251,6 +255,12 @@ async def _cancel_on_disconnect(request: Request, handle) -> None:
             handle.cancel()
             return
         await asyncio.sleep(0.25)
+
+
+def _raise_if_kv_full(error: BaseException) -> None:
+    """The KV cache ran out mid-answer: say so (503, retry later), not a bare 500."""
+    if isinstance(error, KVBudgetError):
+        raise APIError(503, str(error), "server_error", "kv_cache_full")
 
 
 def _openai_finish(reason: str) -> str:
