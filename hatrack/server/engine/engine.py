@@ -387,16 +387,18 @@ class Engine:
         return False
 
     def _grow_for_decode(self) -> None:
-        """Make room in the KV cache for each running row's next position. A row the
-        budget has no room for ends with a KVBudgetError; the others decode on."""
-        full = [i for i, seq in enumerate(self._running) if not self.kv.grow(i, seq.length + 1)]
-        for i in full:
-            seq = self._running[i]
+        """Make room in the KV cache for each running row's next position. The first row
+        the budget has no room for ends with a KVBudgetError and gives its cache back,
+        which may be room enough for the rows after it; the others decode on."""
+        while True:
+            full = next((i for i, seq in enumerate(self._running) if not self.kv.grow(i, seq.length + 1)), None)
+            if full is None:
+                return
+            seq = self._running[full]
             log.warning("KV cache full: request %s ends with an error at %d positions",
                         seq.handle.request_id, seq.length)
             self._finish(seq, "error", self.kv.full_error(seq.length + 1, len(self._running)))
-        if full:
-            self._remove_rows(full)
+            self._remove_rows([full])
 
     def _remove_rows(self, rows: list[int]) -> None:
         """Drop finished rows and give back their KV cache, moving the last rows into the
