@@ -176,3 +176,23 @@ def test_server_refuses_a_request_beyond_the_budget(small_kv_server):
     body["max_tokens"] = 8
     resp = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=60)
     assert resp.status_code == 200, resp.text
+
+
+def test_server_answers_503_when_the_cache_fills_mid_answer(small_kv_server):
+    """Two answers of 300 tokens each fit the budget alone, not together: one of them ends
+    with a 503 naming the budget, the other completes."""
+    server = small_kv_server
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 300,
+            "temperature": 0}
+    responses: list[httpx.Response] = []
+    posts = [threading.Thread(target=lambda: responses.append(
+        httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=120))) for _ in range(2)]
+    for post in posts:
+        post.start()
+    for post in posts:
+        post.join()
+    by_status = {r.status_code: r for r in responses}
+    assert sorted(by_status) == [200, 503], [r.text[:300] for r in responses]
+    error = by_status[503].json()["error"]
+    assert error["code"] == "kv_cache_full" and "--kv-cache-gb" in error["message"]
+    assert by_status[200].json()["usage"]["completion_tokens"] == 300
