@@ -23,7 +23,6 @@ from hatrack.server.engine.errors import (
     EngineError,
     EngineStoppedError,
     InvalidRequestError,
-    KVBudgetError,
     PromptTooLongError,
     QueueFullError,
 )

@@ -15,7 +15,6 @@ start as one block, and each row may hold as many positions as its share allows.
 
 from __future__ import annotations
 
-import logging
 import mmap
 import os
 from dataclasses import dataclass
@@ -24,7 +23,6 @@ import torch
 
 from hatrack.server.engine.errors import EngineError, KVBudgetError
 
-log = logging.getLogger("hatrack.engine")
 
 WINDOW_STEP = 64  # decode attends over windows of this many positions (see model.py)
 DEFAULT_FRACTION = 0.5  # of the memory available when the engine starts
