@@ -17,17 +17,18 @@ from __future__ import annotations
 
 import mmap
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
 
 from hatrack.server.engine.errors import EngineError, KVBudgetError
 
-
 WINDOW_STEP = 64  # decode attends over windows of this many positions (see model.py)
 DEFAULT_FRACTION = 0.5  # of the memory available when the engine starts
 _PAGE = mmap.PAGESIZE
-_MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)  # Linux' value; Python < 3.13 lacks the name
+# Python < 3.13 lacks the name; 0x4000 is Linux' value (elsewhere: no flag)
+_MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000 if sys.platform.startswith("linux") else 0)
 GB = 1e9
 
 
