@@ -37,6 +37,23 @@ def bases_dir() -> Path:
     return path
 
 
+def kv_cache_gb() -> float | None:
+    """HATRACK_KV_CACHE_GB: the serving engine's KV cache budget in GB; None: the engine's
+    default (half the memory available when it starts)."""
+    raw = os.environ.get("HATRACK_KV_CACHE_GB")
+    if not raw:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        from hatrack.errors import HatrackError
+
+        raise HatrackError(f"HATRACK_KV_CACHE_GB must be a positive number of GB; got {raw!r}")
+    return value
+
+
 def max_rank() -> int:
     """HATRACK_MAX_RANK, or DEFAULT_MAX_RANK: the servable LoRA rank limit."""
     raw = os.environ.get("HATRACK_MAX_RANK")

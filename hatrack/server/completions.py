@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from hatrack.errors import HatrackError
 from hatrack.server.catalog import Target
 from hatrack.server.engine import SamplingParams
-from hatrack.server.engine.errors import EngineStoppedError, PromptTooLongError, QueueFullError
+from hatrack.server.engine.errors import EngineStoppedError, KVBudgetError, PromptTooLongError, QueueFullError
 from hatrack.server.choices import Choice, Piece, merged, next_event
 from hatrack.server.errors import APIError, bad_request, strip_paths
 from hatrack.server.logprobs import TokenTexts, chat_logprobs, text_logprobs
@@ -128,6 +128,8 @@ class Runner:
             raise APIError(503, "the server is shutting down", "server_error", "not_ready") from None
         except PromptTooLongError as err:
             raise bad_request(str(err), job.prompt_param, "context_length_exceeded") from None
+        except KVBudgetError as err:
+            raise bad_request(str(err), "max_tokens", "kv_cache_budget_exceeded") from None
         except HatrackError as err:
             raise bad_request(strip_paths(str(err)), None, "invalid_value") from None
 
@@ -140,6 +142,7 @@ class Runner:
         if failed is not None:
             for handle in handles:
                 handle.cancel()
+            _raise_if_kv_full(failed.error)
             if job.target.adapter is not None and isinstance(failed.error, HatrackError):
                 # the adapter's stored artifact is unusable: this model's fault, not the server's
                 self._count(job, 422)
@@ -159,6 +162,8 @@ class Runner:
         watcher = asyncio.create_task(_cancel_on_disconnect(request, handles))
         try:
             async for i, event in events:
+                if event.error is not None:
+                    _raise_if_kv_full(event.error)
                 choices[i].push(event)
                 if choices[i].failed:
                     raise APIError(500, "generation failed", "server_error", "generation_failed")
@@ -274,6 +279,12 @@ async def _cancel_on_disconnect(request: Request, handles) -> None:
                 handle.cancel()
             return
         await asyncio.sleep(0.25)
+
+
+def _raise_if_kv_full(error: BaseException) -> None:
+    """The KV cache ran out mid-answer: say so (503, retry later), not a bare 500."""
+    if isinstance(error, KVBudgetError):
+        raise APIError(503, str(error), "server_error", "kv_cache_full")
 
 
 def _short(err: BaseException) -> str:

@@ -69,10 +69,13 @@ class Engine:
         max_rank: int | None = None,
         max_waiting: int = 256,
         cpu_kernel: bool = True,
+        kv_cache_bytes: int | None = None,
     ):
         """cpu_kernel: on CPU, use the compiled LoRA decode kernel where it can be built
         (False: torch ops only). max_rank: the largest LoRA rank the slots hold; None
-        takes HATRACK_MAX_RANK (default 64), the limit `register` holds adapters to."""
+        takes HATRACK_MAX_RANK (default 64), the limit `register` holds adapters to.
+        kv_cache_bytes: the KV cache budget; None: half the memory available at start
+        (free device memory on CUDA), at most what every row at the full context needs."""
         max_rank = settings.max_rank() if max_rank is None else max_rank
         if max_loaded < 1 or max_batch < 1 or max_rank < 1 or max_waiting < 1:
             raise EngineError("max_loaded, max_batch, max_rank and max_waiting must be at least 1")
@@ -80,7 +83,8 @@ class Engine:
         self.tokenizer = tokenizer
         self.max_batch = max_batch
         self.max_waiting = max_waiting
-        self.runner = LlamaRunner(model, max_batch=max_batch, max_context=max_context)
+        self.runner = LlamaRunner(model, max_batch=max_batch, max_context=max_context, kv_cache_bytes=kv_cache_bytes)
+        self.kv = self.runner.kv
         kernel = cpu_kernel_module.load() if cpu_kernel and self.runner.device.type == "cpu" else None
         lora_dtype = lora_dtype_for(self.runner.device, self.runner.dtype, cpu_kernel=kernel is not None)
         self.bank = SlotBank(self.runner.layers, max_loaded, max_rank, lora_dtype, self.runner.device)
@@ -154,7 +158,8 @@ class Engine:
     ) -> RequestHandle:
         """Queue a request; safe from any thread, including an asyncio loop's (it never
         blocks on model work). Raises QueueFullError, PromptTooLongError,
-        InvalidRequestError or EngineStoppedError."""
+        InvalidRequestError, KVBudgetError (it could never fit the KV cache budget) or
+        EngineStoppedError."""
         if params.n != 1:
             raise InvalidRequestError("submit() runs one choice; submit_choices() runs n")
         return self.submit_choices(prompt_ids, adapter, params, request_id=request_id)[0]
@@ -171,6 +176,7 @@ class Engine:
         copied into n rows, each sampling on its own; one handle per choice."""
         prompt = [int(t) for t in prompt_ids]
         self._validate(prompt, params)
+        self.kv.check_fits(len(prompt), params.max_tokens, self.context_length)
         rid = request_id or f"req-{uuid.uuid4().hex[:16]}"
         handles = [RequestHandle(rid, len(prompt), self._kick) for _ in range(params.n)]
         seq = _Sequence(
@@ -270,6 +276,7 @@ class Engine:
                 try:
                     self._reap_cancelled()
                     admitted = self._admit()
+                    self._grow_for_decode()
                     if self._running:
                         self._decode_step()
                     blocked = not self._running and not admitted and bool(self._waiting)
@@ -278,6 +285,7 @@ class Engine:
                     for seq in list(self._running):
                         self._finish(seq, "error", exc)
                     self._running.clear()
+                    self.kv.release_all()
 
     def _shutdown_step(self) -> bool:
         """While stopping: drop waiting requests; True once nothing runs or time is up."""
@@ -289,6 +297,7 @@ class Engine:
         for seq in self._running:
             self._finish(seq, "cancelled")
         self._running.clear()
+        self.kv.release_all()
         return True
 
     def _reap_cancelled(self) -> None:
@@ -307,15 +316,17 @@ class Engine:
             self._remove_rows(done)
 
     def _admit(self) -> int:
-        """Prefill waiting requests in arrival order while rows are free; a request whose
-        adapter is still loading (or finds every slot pinned) waits without blocking
-        the ones behind it."""
+        """Prefill waiting requests in arrival order while rows and KV cache are free; a
+        request whose adapter is still loading (or finds every slot pinned) waits without
+        blocking the ones behind it. One whose prompt does not fit the free KV cache waits
+        and holds back the ones behind it, so long prompts are not starved by short ones."""
         admitted, budget = 0, PREFILL_TOKEN_BUDGET
         keep: deque[_Sequence] = deque()
         while self._waiting:
             seq = self._waiting.popleft()
-            if len(self._running) + 1 + len(seq.others) > self.max_batch or (
-                    admitted and budget < len(seq.prompt)):
+            rows = 1 + len(seq.others)  # n choices take n rows from one prefill
+            if (len(self._running) + rows > self.max_batch or (admitted and budget < len(seq.prompt))
+                    or not self.kv.can_hold(len(seq.prompt), running=len(self._running), rows=rows)):
                 keep.append(seq)
                 keep.extend(self._waiting)
                 self._waiting.clear()
@@ -330,12 +341,15 @@ class Engine:
                     self._finish(seq, "error", got)
                     continue
                 seq.slot = got
+            self.kv.grow(len(self._running), len(seq.prompt))  # fits: can_hold said so
             try:
                 self._prefill(seq)
             except Exception as exc:
                 log.exception("prefill failed for %s", seq.handle.request_id)
                 if seq in self._running:
                     self._remove_rows([self._running.index(seq)])
+                else:
+                    self.kv.release(len(self._running))
                 self._finish(seq, "error", exc)
                 continue
             admitted += 1
@@ -371,7 +385,8 @@ class Engine:
             copy.sampler = RowSampler.build(seq.params, seq.prompt, self.runner.vocab_size, self.device, i)
             if seq.slot:
                 copy.slot = self.cache.acquire(seq.adapter)  # loaded and pinned: the same slot
-            self.runner.copy_row(row, len(self._running), seq.length)
+            self.kv.grow(len(self._running), seq.length)  # fits: admission counted every row
+            self.kv.copy(row, len(self._running), seq.length)
             self._running.append(copy)
             copies.append(copy)
         seq.others = []
@@ -416,15 +431,31 @@ class Engine:
         seq.handle.emit(event)
         return False
 
+    def _grow_for_decode(self) -> None:
+        """Make room in the KV cache for each running row's next position. The first row
+        the budget has no room for ends with a KVBudgetError and gives its cache back,
+        which may be room enough for the rows after it; the others decode on."""
+        while True:
+            full = next((i for i, seq in enumerate(self._running) if not self.kv.grow(i, seq.length + 1)), None)
+            if full is None:
+                return
+            seq = self._running[full]
+            log.warning("KV cache full: request %s ends with an error at %d positions",
+                        seq.handle.request_id, seq.length)
+            self._finish(seq, "error", self.kv.full_error(seq.length + 1, len(self._running)))
+            self._remove_rows([full])
+
     def _remove_rows(self, rows: list[int]) -> None:
-        """Drop finished rows, moving the last rows into the holes so the batch stays
-        in cache rows 0..N-1."""
+        """Drop finished rows and give back their KV cache, moving the last rows into the
+        holes so the batch stays in cache rows 0..N-1."""
         for i in sorted(rows, reverse=True):
             last = len(self._running) - 1
             if i != last:
                 moved = self._running[last]
-                self.runner.move_row(last, i, moved.length)
+                self.kv.move(last, i, moved.length)
                 self._running[i] = moved
+            else:
+                self.kv.release(i)
             self._running.pop()
 
     def _unwant(self, seq: _Sequence) -> None:

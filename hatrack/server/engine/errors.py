@@ -28,3 +28,8 @@ class EngineStoppedError(EngineError):
 class AdapterFormatError(EngineError):
     """An adapter folder or its weights cannot be used: the message names the file,
     tensor or field at fault."""
+
+
+class KVBudgetError(EngineError):
+    """A request needs more KV cache than the engine's budget holds: at submit when it
+    could never fit (HTTP 400), or mid-answer when the cache is full (finish "error")."""

@@ -1,5 +1,5 @@
 """A Llama-family forward pass over a loaded Hugging Face model's own modules, with a
-per-row KV cache and the slot LoRA term added after each base projection.
+per-row KV cache (kv_cache.py) and the slot LoRA term added after each base projection.
 
 Every base projection module is called as-is, so bitsandbytes 4-bit/8-bit layers work
 unchanged. Prefill runs one sequence; decode runs one new token for each of the rows
@@ -12,14 +12,13 @@ import torch
 import torch.nn.functional as F
 
 from hatrack.server.engine.errors import EngineError
+from hatrack.server.engine.kv_cache import WINDOW_STEP, KVCache, KVShape
 from hatrack.server.engine.slots import LoraRows, SlotBank
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
-_MIN_CAPACITY = 256
-# Decode attends over a window rounded up to this many positions. torch's CPU attention
+# Decode attends over a window rounded up to WINDOW_STEP positions. torch's CPU attention
 # kernel then gives a row the same bits whatever the window (the extra positions are
 # masked), so a row's answer does not depend on the lengths of the rows beside it.
-WINDOW_STEP = 64
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -28,7 +27,8 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class LlamaRunner:
-    def __init__(self, model, *, max_batch: int, max_context: int | None):
+    def __init__(self, model, *, max_batch: int, max_context: int | None, kv_cache_bytes: int | None = None):
+        """kv_cache_bytes: the KV cache budget (None: kv_cache.default_budget)."""
         config = model.config
         if getattr(config, "model_type", None) not in SUPPORTED:
             raise EngineError(
@@ -52,43 +52,14 @@ class LlamaRunner:
         limit = int(getattr(config, "max_position_embeddings", 0) or 0) or 2048
         self.context_length = min(int(max_context), limit) if max_context else limit
         self.max_batch = max_batch
-        self.capacity = 0
-        self.k_cache: list[torch.Tensor] = []
-        self.v_cache: list[torch.Tensor] = []
+        self.kv = KVCache(
+            KVShape(len(self.layers), self.n_kv, self.head_dim, self.dtype), max_batch=max_batch,
+            context_length=self.context_length, device=self.device, budget_bytes=kv_cache_bytes,
+        )
         self._rows = torch.arange(max_batch, device=self.device)
-        self.max_capacity = -(-self.context_length // WINDOW_STEP) * WINDOW_STEP
-        self._cols = torch.arange(self.max_capacity, device=self.device)
+        self._cols = torch.arange(self.kv.max_capacity, device=self.device)
         self._q_norm = [getattr(layer.self_attn, "q_norm", None) for layer in self.layers]
         self._k_norm = [getattr(layer.self_attn, "k_norm", None) for layer in self.layers]
-
-    # ------------------------------------------------------------ KV cache
-
-    def ensure_capacity(self, length: int) -> None:
-        """Grow every layer's cache to hold `length` positions (doubling, so growth is
-        rare; memory follows the longest sequence seen, not the context limit)."""
-        if length <= self.capacity:
-            return
-        new = min(self.max_capacity, max(length, _MIN_CAPACITY, 2 * self.capacity))
-        shape = (self.max_batch, self.n_kv, new, self.head_dim)
-        for caches in (self.k_cache, self.v_cache):
-            for i in range(len(self.layers)):
-                fresh = torch.zeros(shape, dtype=self.dtype, device=self.device)
-                if self.capacity:
-                    fresh[:, :, : self.capacity].copy_(caches[i])
-                if i < len(caches):
-                    caches[i] = fresh
-                else:
-                    caches.append(fresh)
-        self.capacity = new
-
-    def move_row(self, src: int, dst: int, length: int) -> None:
-        """Copy a sequence's cache row (keeps the running batch in rows 0..N-1)."""
-        for cache in (*self.k_cache, *self.v_cache):
-            cache[dst, :, :length].copy_(cache[src, :, :length])
-
-    def copy_row(self, src: int, dst: int, length: int) -> None:
-        """Give row `dst` the cache of row `src` (n choices share one prefill)."""
-        self.move_row(src, dst, length)
 
     # ------------------------------------------------------------ forward
 
@@ -126,9 +97,9 @@ class LlamaRunner:
         return x + down
 
     def prefill(self, row: int, ids: list[int], bank: SlotBank, slot: int) -> torch.Tensor:
-        """Run a prompt through the model into cache row `row`; the last position's logits [vocab]."""
+        """Run a prompt through the model into cache row `row` (which kv.grow made room
+        for); the last position's logits [vocab]."""
         n = len(ids)
-        self.ensure_capacity(n)
         lora = (lambda i, g, x, outs: bank.apply_slot(slot, i, g, x, outs)) if slot else (lambda *a: None)
         x = self.embed(torch.tensor(ids, device=self.device))
         cos, sin = self.rotary(x[None], torch.arange(n, device=self.device)[None])
@@ -138,8 +109,8 @@ class LlamaRunner:
             q = self._rope(q.transpose(0, 1), cos, sin)  # [heads, n, d]
             k = self._rope(k.transpose(0, 1), cos, sin)
             v = v.transpose(0, 1)
-            self.k_cache[i][row, :, :n] = k
-            self.v_cache[i][row, :, :n] = v
+            self.kv.k[i][row, :, :n] = k
+            self.kv.v[i][row, :, :n] = v
             o = F.scaled_dot_product_attention(
                 q[None], k[None], v[None], is_causal=True, scale=self.scaling, enable_gqa=self.n_rep > 1
             )
@@ -149,10 +120,9 @@ class LlamaRunner:
 
     def decode(self, tokens: list[int], positions: list[int], rows: LoraRows, slots: list[int]) -> torch.Tensor:
         """One new token for each of the rows 0..N-1; tokens[r] goes to position
-        positions[r] of row r. Returns logits [N, vocab]."""
+        positions[r] of row r (which kv.grow made room for). Returns logits [N, vocab]."""
         n = len(tokens)
         length = -(-(max(positions) + 1) // WINDOW_STEP) * WINDOW_STEP
-        self.ensure_capacity(length)
         lora = (lambda i, g, x, outs: rows.apply(n, i, g, x, outs)) if rows.prepare(slots) else (lambda *a: None)
         tok = torch.tensor(tokens, device=self.device)
         pos = torch.tensor(positions, device=self.device)
@@ -165,7 +135,7 @@ class LlamaRunner:
             q, k, v = self._qkv(layer, i, x, lora)
             q = self._rope(q, cos, sin)
             k = self._rope(k, cos, sin)
-            k_cache, v_cache = self.k_cache[i], self.v_cache[i]
+            k_cache, v_cache = self.kv.k[i], self.kv.v[i]
             k_cache[row_ids, :, pos] = k
             v_cache[row_ids, :, pos] = v
             # GQA without copies: the n_rep query heads sharing a KV head become that
