@@ -150,6 +150,27 @@ def test_request_that_can_never_fit_is_refused_at_once(tiny):
         engine.stop(timeout=5)
 
 
+def test_n_choices_are_counted_row_by_row(tiny):
+    """n choices take n rows of cache: a request whose n rows could never fit is refused
+    at once (it would otherwise wait forever); one that fits answers all its choices."""
+    engine = Engine(*tiny, kv_cache_bytes=256 * 512, cpu_kernel=False)  # 256 positions
+    try:
+        with pytest.raises(KVBudgetError) as err:
+            engine.submit_choices([1] * 10, None, SamplingParams(max_tokens=100, temperature=0.0, n=3))
+        assert "3 choices" in str(err.value) and "--kv-cache-gb" in str(err.value)
+        engine.start()
+        handles = engine.submit_choices([1] * 10, None, SamplingParams(max_tokens=100, temperature=0.0, n=2))
+        answers = [h.result(timeout=60)[0] for h in handles]
+        alone = engine.submit([1] * 10, None, greedy(100)).result(timeout=60)[0]
+        assert len(alone) == 100 and all(a == alone for a in answers)  # greedy choices equal the answer alone
+        deadline = time.monotonic() + 10  # rows leave the batch just after their last event
+        while engine.kv.used_bytes and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert engine.kv.used_bytes == 0  # every row gave its cache back
+    finally:
+        engine.stop(timeout=5)
+
+
 @pytest.fixture(scope="module")
 def small_kv_server(tmp_path_factory, tiny_base_dir: Path):
     home = tmp_path_factory.mktemp("kv-home")

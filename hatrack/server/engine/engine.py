@@ -176,7 +176,7 @@ class Engine:
         copied into n rows, each sampling on its own; one handle per choice."""
         prompt = [int(t) for t in prompt_ids]
         self._validate(prompt, params)
-        self.kv.check_fits(len(prompt), params.max_tokens, self.context_length)
+        self.kv.check_fits(len(prompt), params.max_tokens, self.context_length, rows=params.n)
         rid = request_id or f"req-{uuid.uuid4().hex[:16]}"
         handles = [RequestHandle(rid, len(prompt), self._kick) for _ in range(params.n)]
         seq = _Sequence(

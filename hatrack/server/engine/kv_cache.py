@@ -141,9 +141,17 @@ class KVCache:
         """The longest sequence (prompt + answer) one row can ever hold."""
         return min(self.row_limit, self.budget_bytes // self.position_bytes // self.chunk * self.chunk)
 
-    def check_fits(self, prompt: int, max_tokens: int, context: int) -> None:
-        """Raise KVBudgetError if a request could not run even with the cache to itself."""
+    def check_fits(self, prompt: int, max_tokens: int, context: int, rows: int = 1) -> None:
+        """Raise KVBudgetError if a request (of `rows` choices, each in its own row) could
+        not run even with the cache to itself: waiting for room would never end."""
         need = min(prompt + max_tokens, context)
+        whole = rows * self.positions_for(need)
+        if rows > 1 and whole * self.position_bytes > self.budget_bytes:
+            raise KVBudgetError(
+                f"the request's {rows} choices need KV cache for {rows} x {need} positions "
+                f"({whole * self.position_bytes / GB:.3g} GB) but the KV cache budget is "
+                f"{self.budget_bytes / GB:.3g} GB (--kv-cache-gb); lower n, best_of or max_tokens"
+            )
         most = self.most_positions()
         if need > most:
             raise KVBudgetError(
