@@ -207,6 +207,7 @@ def test_out_of_range_knobs_are_refused(tiny, engine):
     for params, field in [
         (SamplingParams(n=17), "n"), (SamplingParams(top_k=-2), "top_k"), (SamplingParams(min_p=1.5), "min_p"),
         (SamplingParams(repetition_penalty=0), "repetition_penalty"),
+        (SamplingParams(repetition_penalty=5e-324), "repetition_penalty"),
         (SamplingParams(presence_penalty=3), "presence_penalty"),
         (SamplingParams(logit_bias={10**7: 1}), "logit_bias"), (SamplingParams(logit_bias={1: 101}), "logit_bias"),
         (SamplingParams(logprobs=21), "logprobs"),

@@ -207,7 +207,7 @@ def test_limits_and_finish_reasons(client):
 
 @pytest.mark.parametrize("path,body,param", [
     ("chat", {"top_k": -2}, "top_k"), ("chat", {"min_p": 1.5}, "min_p"),
-    ("chat", {"repetition_penalty": 0}, "repetition_penalty"), ("chat", {"presence_penalty": 2.5}, "presence_penalty"),
+    ("chat", {"repetition_penalty": 0}, "repetition_penalty"), ("chat", {"repetition_penalty": 5e-324}, "repetition_penalty"), ("chat", {"presence_penalty": 2.5}, "presence_penalty"),
     ("chat", {"logit_bias": {"1": 101}}, "logit_bias"), ("chat", {"logit_bias": {"999999999": 1}}, "logit_bias"),
     ("chat", {"logit_bias": {"hello": 1}}, "logit_bias"), ("chat", {"top_logprobs": 2}, "top_logprobs"),
     ("chat", {"logprobs": True, "top_logprobs": 21}, "top_logprobs"), ("chat", {"n": 0}, "n"),

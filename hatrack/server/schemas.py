@@ -156,7 +156,7 @@ class _Request(BaseModel):
     # vLLM's sampling extensions
     top_k: int | None = Field(default=None, ge=-1, le=MAX_TOKENS)  # -1 or 0: every token
     min_p: float | None = Field(default=None, ge=0.0, le=1.0)
-    repetition_penalty: float | None = Field(default=None, gt=0.0, le=10.0)
+    repetition_penalty: float | None = Field(default=None, ge=1e-3, le=10.0)  # smaller overflows float32
     user: str | None = None
     metadata: dict[str, str] | None = None
     store: bool | None = None

@@ -29,6 +29,8 @@ log = logging.getLogger("hatrack.engine")
 
 MIN_TEMPERATURE = 1e-5  # below this, sampling is greedy (logits / 1e-300 overflows float32)
 MIN_TOP_P = 1e-6  # float32 rounds a smaller top_p to 0, which would keep no token at all
+# a logit divided by less overflows float32 (and float32 rounds 5e-324 to 0): NaN answers
+MIN_REPETITION_PENALTY = 1e-3
 
 # (the picked token's logprob, the most likely tokens as (id, logprob), best first)
 TokenLogprobs = tuple[float, tuple[tuple[int, float], ...]]
@@ -62,8 +64,8 @@ def check_knobs(params: SamplingParams, vocab: int, max_rows: int) -> None:
     for name in ("presence_penalty", "frequency_penalty"):
         if not (finite(getattr(params, name)) and -2 <= getattr(params, name) <= 2):
             raise bad(name, "in [-2, 2]", getattr(params, name))
-    if not (finite(params.repetition_penalty) and params.repetition_penalty > 0):
-        raise bad("repetition_penalty", "> 0", params.repetition_penalty)
+    if not (finite(params.repetition_penalty) and MIN_REPETITION_PENALTY <= params.repetition_penalty <= 10):
+        raise bad("repetition_penalty", f"in [{MIN_REPETITION_PENALTY}, 10]", params.repetition_penalty)
     for token, value in (params.logit_bias or {}).items():
         if not isinstance(token, int) or not 0 <= token < vocab:
             raise bad("logit_bias", f"keyed by token ids in 0..{vocab - 1}", token)
