@@ -4,13 +4,13 @@ Each is a thin call into hatrack.registry; errors are HatrackErrors, printed as 
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any, List, Optional
 
 import typer
 
 from hatrack import settings
+from hatrack.humanize import human_age, human_size
 
 base_app = typer.Typer(help="Base models: list them, or add one from a folder or Hugging Face id.",
                        no_args_is_help=True)
@@ -34,26 +34,6 @@ def _tags(pairs: Optional[List[str]]) -> dict[str, str]:
 
     return dict(parse_tag(p) for p in pairs or [])
 
-
-def human_size(n: int | None) -> str:
-    if n is None:
-        return "-"
-    size = float(n)
-    for unit in ("B", "KB", "MB", "GB"):
-        if size < 1024 or unit == "GB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{size:.1f} TB"
-
-
-def human_age(ts: int | None) -> str:
-    if not ts:
-        return "-"
-    secs = max(0, int(time.time()) - int(ts))
-    for unit, span in (("d", 86400), ("h", 3600), ("m", 60)):
-        if secs >= span:
-            return f"{secs // span}{unit}"
-    return f"{secs}s"
 
 
 def _fmt_score(value: float | None) -> str:

@@ -10,7 +10,8 @@ from typing import Any, Mapping
 from hatrack.registry import NotFoundError, Registry, RegistryError
 from hatrack.registry.names import parse_tag
 from hatrack.ui.access import Viewer
-from hatrack.ui.views import human_size, visible_version
+from hatrack.humanize import human_size
+from hatrack.ui.views import visible_version
 
 PRUNE_FIELDS = ("name", "tag", "keep_last", "keep_best", "by", "older_than")
 

@@ -4,7 +4,6 @@ narrowed to what the viewer may see. No FastAPI here, no engine."""
 from __future__ import annotations
 
 import json
-import time
 from typing import Any
 
 from hatrack.registry import NotFoundError, Registry, parse_ref
@@ -13,26 +12,6 @@ from hatrack.registry.views import lower_is_better
 from hatrack.ui.access import Viewer
 from hatrack.ui.charts import Series, bar_chart, line_chart
 
-
-def human_size(n: int | None) -> str:
-    if n is None:
-        return "-"
-    size = float(n)
-    for unit in ("B", "KB", "MB", "GB"):
-        if size < 1024 or unit == "GB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{size:.1f} TB"
-
-
-def human_age(ts: int | None, now: float | None = None) -> str:
-    if not ts:
-        return "-"
-    secs = max(0, int(now or time.time()) - int(ts))
-    for unit, span in (("d", 86400), ("h", 3600), ("m", 60)):
-        if secs >= span:
-            return f"{secs // span}{unit}"
-    return f"{secs}s"
 
 
 def fmt_score(v: float | None) -> str:
