@@ -17,6 +17,7 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 
 from hatrack.errors import HatrackError
 from hatrack.registry import Registry
+from hatrack.humanize import human_age, human_size
 from hatrack.ui import actions, views
 from hatrack.ui.access import COOKIE, Access, Viewer
 
@@ -34,7 +35,7 @@ class Serving:
 
 def _env() -> Environment:
     env = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=select_autoescape(["html"]))
-    env.filters.update(size=views.human_size, age=views.human_age, score=views.fmt_score)
+    env.filters.update(size=human_size, age=human_age, score=views.fmt_score)
     env.globals["prefix"] = PREFIX
     return env
 
@@ -160,27 +161,26 @@ def ui_router(registry: Registry, access: Access, serving: Serving | None = None
                                             error="this form expired or came from another page: reload and retry")
         return viewer, form, None
 
-    @router.post("/v/{ref}/alias")
-    async def set_alias(request: Request, ref: str):
+    async def version_action(request: Request, ref: str, action):
+        """An admin form posted from a version's page: run it, then back to the page with
+        its message or its error."""
         viewer, form, refused = await admin_form(request)
         if refused:
             return refused
+        page = f"/v/{quote(ref)}"
         try:
-            text = await run_in_threadpool(actions.move_alias, registry, viewer, ref, form)
+            text = await run_in_threadpool(action, registry, viewer, ref, form)
         except HatrackError as exc:
-            return _redirect(f"/v/{quote(ref)}", err=str(exc))
-        return _redirect(f"/v/{quote(ref)}", msg=text)
+            return _redirect(page, err=str(exc))
+        return _redirect(page, msg=text)
+
+    @router.post("/v/{ref}/alias")
+    async def set_alias(request: Request, ref: str):
+        return await version_action(request, ref, actions.move_alias)
 
     @router.post("/v/{ref}/tag")
     async def set_tag(request: Request, ref: str):
-        viewer, form, refused = await admin_form(request)
-        if refused:
-            return refused
-        try:
-            text = await run_in_threadpool(actions.tag, registry, viewer, ref, form)
-        except HatrackError as exc:
-            return _redirect(f"/v/{quote(ref)}", err=str(exc))
-        return _redirect(f"/v/{quote(ref)}", msg=text)
+        return await version_action(request, ref, actions.tag)
 
     @router.get("/prune", response_class=HTMLResponse)
     async def prune_plan(request: Request):
