@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -262,3 +263,13 @@ def registry_db(request, hatrack_home: Path, monkeypatch: pytest.MonkeyPatch) ->
     engine.dispose()
     monkeypatch.setenv("HATRACK_DB_URL", url)
     return request.param
+
+
+@pytest.fixture()
+def codes(tmp_path) -> Path:
+    """24 chat rows, each asking a code and answering it (7 x i): the trainer tests' data."""
+    path = tmp_path / "codes.jsonl"
+    rows = [{"messages": [{"role": "user", "content": f"What is code {i}?"},
+                          {"role": "assistant", "content": f"Code {i} is {i * 7}."}]} for i in range(24)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path

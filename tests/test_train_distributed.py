@@ -24,15 +24,6 @@ def registry(hatrack_home, tiny_base_dir):
     return tiny_registry(tiny_base_dir)
 
 
-@pytest.fixture()
-def codes(tmp_path) -> Path:
-    path = tmp_path / "codes.jsonl"
-    rows = [{"messages": [{"role": "user", "content": f"What is code {i}?"},
-                          {"role": "assistant", "content": f"Code {i} is {i * 7}."}]} for i in range(24)]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
 def _env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1"}
 

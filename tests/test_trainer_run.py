@@ -21,15 +21,6 @@ def registry(hatrack_home, tiny_base_dir):
     return reg
 
 
-@pytest.fixture()
-def codes(tmp_path) -> Path:
-    path = tmp_path / "codes.jsonl"
-    rows = [{"messages": [{"role": "user", "content": f"What is code {i}?"},
-                          {"role": "assistant", "content": f"Code {i} is {i * 7}."}]} for i in range(24)]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
 def _config(data: Path, **kw) -> TrainConfig:
     return TrainConfig(**({"data": str(data), "name": "codes", "base": "tiny", "max_steps": 4, "batch_size": 4,
                            "lr": 1e-3, "eval_split": 0.15} | kw))
