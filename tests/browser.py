@@ -47,6 +47,35 @@ def console_errors(driver) -> list[str]:
     return [e["message"] for e in driver.get_log("browser") if e["level"] == "SEVERE"]
 
 
+def submit(driver, element_id: str, timeout: float = 30.0) -> None:
+    """Click a button that loads a new page, and wait until that page has loaded. A bare
+    click returns before the navigation ends, so the next lookup could read the old page."""
+    from selenium.common.exceptions import StaleElementReferenceException, WebDriverException
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    old = driver.find_element(By.TAG_NAME, "html")
+    try:
+        driver.find_element(By.ID, element_id).click()
+    except WebDriverException as e:
+        # chromedriver checks the clicked node after the click; when the new page came
+        # first it reports that node as gone, though the click went through
+        if "does not belong to the document" not in str(e):
+            raise
+
+    def old_page_gone(_) -> bool:
+        try:
+            old.is_enabled()
+            return False
+        except StaleElementReferenceException:
+            return True
+        except WebDriverException as e:  # the same race, seen from the old node
+            return "does not belong to the document" in str(e)
+
+    WebDriverWait(driver, timeout).until(old_page_gone)
+    WebDriverWait(driver, timeout).until(lambda d: d.execute_script("return document.readyState") == "complete")
+
+
 def screenshot(driver, name: str) -> Path:
     SHOTS.mkdir(parents=True, exist_ok=True)
     path = SHOTS / f"{name}.png"

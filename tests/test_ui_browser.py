@@ -11,7 +11,7 @@ import httpx
 import pytest
 from selenium.webdriver.common.by import By
 
-from browser import UIProcess, chrome, console_errors, screenshot
+from browser import UIProcess, chrome, console_errors, screenshot, submit
 from conftest import REPO, tiny_registry, write_peft_adapter
 from serving import hatrack_home_env
 from ui_data import build_rack
@@ -44,7 +44,7 @@ def sign_in(driver, ui, key: str | None) -> None:
     driver.get(f"{ui.url}/ui/login")
     if key:
         driver.find_element(By.ID, "key").send_keys(key)
-        driver.find_element(By.ID, "sign-in").click()
+        submit(driver, "sign-in")
 
 
 def page(driver, url: str) -> str:
@@ -67,7 +67,7 @@ def test_without_a_key_only_the_login_page(rack, driver):
     assert r.status_code == 303 and r.headers["location"].endswith("/ui/login")
     assert reg.version_info("acme-support", 2)["aliases"] == []
     driver.find_element(By.ID, "key").send_keys("hr-not-a-key")
-    driver.find_element(By.ID, "sign-in").click()
+    submit(driver, "sign-in")
     assert "not valid" in driver.find_element(By.ID, "login-error").text
     console_errors(driver)  # the 401 of the refused sign-in is logged by the browser
 
@@ -130,7 +130,7 @@ def test_compare_overlays_curves_and_highlights_differences(rack, driver):
     page(driver, f"{ui.url}/ui/")
     for label in ("acme-support@1", "acme-support@2", "globex-support@1"):
         driver.find_element(By.CSS_SELECTOR, f"input[value='{label}']").click()
-    driver.find_element(By.ID, "compare").click()
+    submit(driver, "compare")
     assert not console_errors(driver)
     series = driver.find_elements(By.CSS_SELECTOR, "#loss-chart g.series")
     curves = [len(reg.version_info(n, v)["train_metrics"]["loss_curve"])
@@ -148,12 +148,12 @@ def test_promotion_goes_through_the_gate(rack, driver):
     sign_in(driver, ui, admin)
     page(driver, f"{ui.url}/ui/v/acme-support@3")
     assert "3.4" in driver.find_element(By.ID, "gate").text and "3" in driver.find_element(By.ID, "gate").text
-    driver.find_element(By.ID, "promote").click()
+    submit(driver, "promote")
     assert "worse than the base model" in driver.find_element(By.ID, "flash").text
     assert reg.version_info("acme-support", 3)["aliases"] == []
 
     page(driver, f"{ui.url}/ui/v/acme-support@2")
-    driver.find_element(By.ID, "promote").click()
+    submit(driver, "promote")
     assert driver.find_element(By.ID, "flash").text == "acme-support@prod -> acme-support@2"
     assert reg.version_of("acme-support@prod").version == 2
     assert "prod" in driver.find_element(By.ID, "alias-history").text
@@ -163,7 +163,7 @@ def test_promotion_goes_through_the_gate(rack, driver):
 
     page(driver, f"{ui.url}/ui/v/acme-support@1")  # 2.2 against prod's 1.9: refused, with both numbers
     assert "current prod acme-support@2 1.9" in driver.find_element(By.ID, "gate").text
-    driver.find_element(By.ID, "promote").click()
+    submit(driver, "promote")
     assert "worse than acme-support@2 (current prod)" in driver.find_element(By.ID, "flash").text
     assert reg.version_of("acme-support@prod").version == 2
     # a form without this page's token is refused
@@ -175,21 +175,20 @@ def test_promotion_goes_through_the_gate(rack, driver):
 def test_prune_shows_the_plan_then_deletes_it(rack, driver):
     reg, ui, admin, _ = rack
     sign_in(driver, ui, admin)
-    if reg.version_of("acme-support@prod").version != 2:
-        reg.set_alias("acme-support", "prod", 2)
+    reg.set_alias("acme-support", "prod", 2)  # as the promotion test leaves it; this test also runs alone
     page(driver, f"{ui.url}/ui/prune?name=acme-support&keep_last=1")
     plan = driver.find_element(By.ID, "plan").text
     assert "remove acme-support@1" in plan and "keep acme-support@2" in plan
     assert [r["version"] for r in reg.list_versions(name="acme-support")] == [1, 2, 3]  # nothing gone yet
     screenshot(driver, "prune")
     reg.set_alias("acme-support", "staging", 1)  # the rack changes between plan and confirmation
-    driver.find_element(By.ID, "confirm").click()
+    submit(driver, "confirm")
     assert "the plan changed" in driver.find_element(By.ID, "flash").text
     assert "remove acme-support@1" not in driver.find_element(By.ID, "plan").text  # the new plan is shown
     assert [r["version"] for r in reg.list_versions(name="acme-support")] == [1, 2, 3]
     reg.delete_alias("acme-support", "staging")
     page(driver, f"{ui.url}/ui/prune?name=acme-support&keep_last=1")
-    driver.find_element(By.ID, "confirm").click()
+    submit(driver, "confirm")
     assert "deleted 1 versions" in driver.find_element(By.ID, "flash").text
     assert [r["version"] for r in reg.list_versions(name="acme-support")] == [2, 3]
 

@@ -10,7 +10,7 @@ import pytest
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
-from browser import chrome, console_errors, screenshot
+from browser import chrome, console_errors, screenshot, submit
 from conftest import register_random_adapters, tiny_registry
 from serving import ServerProcess, hatrack_home_env
 
@@ -46,7 +46,7 @@ def test_try_it_streams_two_models_and_serving_shows_them(served, driver):
     server, admin, _ = served
     driver.get(f"{server.url}/ui/login")
     driver.find_element(By.ID, "key").send_keys(admin)
-    driver.find_element(By.ID, "sign-in").click()
+    submit(driver, "sign-in")
     driver.get(f"{server.url}/ui/try")
     Select(driver.find_element(By.ID, "model-left")).select_by_value("acme-support")
     Select(driver.find_element(By.ID, "model-right")).select_by_value("globex-support@1")
