@@ -19,6 +19,7 @@ from hatrack.registry.records import ResolvedModel
 from hatrack.server.catalog import Target
 from hatrack.server.completions import CHAT, Job, Runner
 from hatrack.server.engine import AdapterSpec, Engine, EngineMemoryError, SamplingParams, load_peft_adapter
+from hatrack.server.engine import cpu_kernel
 from hatrack.server.engine import slots as slots_module
 from hatrack.server.engine.slots import GROUPS
 from hatrack.server.errors import APIError
@@ -87,9 +88,14 @@ def reference(tiny, adapters, prompts) -> dict:
 
 
 @pytest.fixture()
-def engine(tiny, adapters, prompts):
-    """A running engine whose slot bank already holds adapter a (rank 8)."""
-    engine = Engine(*tiny, max_loaded=MAX_LOADED, max_batch=MAX_BATCH, cpu_kernel=False)
+def engine(tiny, adapters, prompts, request):
+    """A running engine whose slot bank already holds adapter a (rank 8); the LoRA term
+    in torch ops (the row copies, as on CUDA) unless parametrized with the CPU kernel."""
+    kernel = getattr(request, "param", False)
+    if kernel and cpu_kernel.load() is None:
+        pytest.skip("the CPU kernel cannot be built here (see the log)")
+    engine = Engine(*tiny, max_loaded=MAX_LOADED, max_batch=MAX_BATCH, cpu_kernel=kernel)
+    assert (engine.lora_backend == "the compiled CPU kernel") == kernel
     engine.start()
     engine.submit(prompts[0], adapters["a"], greedy(2)).result(timeout=60)
     assert engine.bank.rank == 8
@@ -149,6 +155,7 @@ def assert_consistent(engine: Engine) -> None:
     assert engine.kv.used_positions == 0 and not any(engine.kv.held)
 
 
+@pytest.mark.parametrize("engine", [False, True], ids=["torch-ops", "cpu-kernel"], indirect=True)
 def test_slot_bank_growth_failure_ends_only_that_request(engine, adapters, prompts, reference, monkeypatch):
     failing = FailingTorch(bank_tensor, nth=3)  # two of the rank-16 tensors allocated, then none
     monkeypatch.setattr(slots_module, "torch", failing)
