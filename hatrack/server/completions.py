@@ -15,7 +15,13 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from hatrack.errors import HatrackError
 from hatrack.server.catalog import Target
 from hatrack.server.engine import SamplingParams
-from hatrack.server.engine.errors import EngineStoppedError, KVBudgetError, PromptTooLongError, QueueFullError
+from hatrack.server.engine.errors import (
+    EngineMemoryError,
+    EngineStoppedError,
+    KVBudgetError,
+    PromptTooLongError,
+    QueueFullError,
+)
 from hatrack.server.choices import Choice, Piece, merged, next_event
 from hatrack.server.errors import APIError, bad_request, strip_paths
 from hatrack.server.logprobs import TokenTexts, chat_logprobs, text_logprobs
@@ -142,7 +148,7 @@ class Runner:
         if failed is not None:
             for handle in handles:
                 handle.cancel()
-            _raise_if_kv_full(failed.error)
+            _raise_if_out_of_room(failed.error)
             if job.target.adapter is not None and isinstance(failed.error, HatrackError):
                 # the adapter's stored artifact is unusable: this model's fault, not the server's
                 self._count(job, 422)
@@ -163,7 +169,7 @@ class Runner:
         try:
             async for i, event in events:
                 if event.error is not None:
-                    _raise_if_kv_full(event.error)
+                    _raise_if_out_of_room(event.error)
                 choices[i].push(event)
                 if choices[i].failed:
                     raise APIError(500, "generation failed", "server_error", "generation_failed")
@@ -281,10 +287,13 @@ async def _cancel_on_disconnect(request: Request, handles) -> None:
         await asyncio.sleep(0.25)
 
 
-def _raise_if_kv_full(error: BaseException) -> None:
-    """The KV cache ran out mid-answer: say so (503, retry later), not a bare 500."""
+def _raise_if_out_of_room(error: BaseException) -> None:
+    """The KV cache or the device memory ran out for this request: say so (503, retry
+    later), not a bare 500, nor a 422 blaming the adapter."""
     if isinstance(error, KVBudgetError):
         raise APIError(503, str(error), "server_error", "kv_cache_full")
+    if isinstance(error, EngineMemoryError):
+        raise APIError(503, strip_paths(str(error)), "server_error", "out_of_memory")
 
 
 def _short(err: BaseException) -> str:

@@ -191,7 +191,8 @@ def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
         413: "The request body is larger than the server's limit",
         422: "The model names an adapter whose stored artifact cannot be loaded",
         429: "The queue is full; retry later",
-        503: "The base model is not loaded (yet), or the server is shutting down",
+        503: ("The base model is not loaded (yet), the server is shutting down, or (completions) the KV cache or "
+              "memory ran out for this request; retry later"),
     }
     return {status: {"model": ErrorResponse, "description": why[status]} for status in statuses}
 

@@ -10,6 +10,7 @@ from hatrack.server.engine.engine import Engine
 from hatrack.server.engine.errors import (
     AdapterFormatError,
     EngineError,
+    EngineMemoryError,
     EngineStoppedError,
     InvalidRequestError,
     PromptTooLongError,
@@ -24,6 +25,7 @@ __all__ = [
     "AdapterSpec",
     "Engine",
     "EngineError",
+    "EngineMemoryError",
     "EngineStats",
     "EngineStoppedError",
     "InvalidRequestError",

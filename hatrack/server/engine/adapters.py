@@ -10,7 +10,7 @@ from collections import OrderedDict, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable
 
-from hatrack.server.engine.errors import AdapterFormatError
+from hatrack.server.engine.errors import AdapterFormatError, memory_error
 from hatrack.server.engine.lora import LoraWeights
 from hatrack.server.engine.slots import SlotBank
 from hatrack.server.engine.types import AdapterSpec
@@ -110,8 +110,9 @@ class AdapterCache:
 
     def acquire(self, spec: AdapterSpec) -> int | BaseException | None:
         """The pinned device slot holding `spec`, copying it in if needed; the load's
-        exception if loading failed; None if it must wait (still loading, or every
-        slot is pinned by running sequences)."""
+        exception if loading failed, or the copy's (an EngineMemoryError when growing
+        the slot bank ran out of memory; the slot stays free, the bank as it was); None
+        if it must wait (still loading, or every slot is pinned by running sequences)."""
         key = spec.key
         with self._lock:
             slot = self._slot_of.get(key)
@@ -129,7 +130,15 @@ class AdapterCache:
             if slot is None:
                 return None
             self._host.move_to_end(key)
-        self.bank.write(slot, weights)  # a copy into the slot, nothing rebuilt
+        held = self.bank.rank
+        try:
+            self.bank.write(slot, weights)  # a copy into the slot (the bank grows for a larger rank)
+        except Exception as exc:  # out of memory growing the bank: this request fails, the slot is free again
+            with self._lock:
+                self._free.insert(0, slot)
+            what = (f"growing the adapter slot bank from rank {held} for adapter {key} (rank {weights.rank})"
+                    if weights.rank > held else f"copying adapter {key} into a device slot")
+            return memory_error(exc, what)
         with self._lock:
             self._slot_of[key] = slot
             self._pins[slot] = 1

@@ -25,6 +25,7 @@ from hatrack.server.engine.errors import (
     InvalidRequestError,
     PromptTooLongError,
     QueueFullError,
+    memory_error,
 )
 from hatrack.server.engine.handle import RequestHandle
 from hatrack.server.engine.model import LlamaRunner
@@ -282,8 +283,9 @@ class Engine:
                     blocked = not self._running and not admitted and bool(self._waiting)
                 except Exception as exc:  # a bug or out-of-memory: fail what ran, keep serving
                     log.exception("engine step failed")
+                    error = memory_error(exc, f"in a decode step of {len(self._running)} rows")
                     for seq in list(self._running):
-                        self._finish(seq, "error", exc)
+                        self._finish(seq, "error", error)
                     self._running.clear()
                     self.kv.release_all()
 
@@ -319,43 +321,66 @@ class Engine:
         """Prefill waiting requests in arrival order while rows and KV cache are free; a
         request whose adapter is still loading (or finds every slot pinned) waits without
         blocking the ones behind it. One whose prompt does not fit the free KV cache waits
-        and holds back the ones behind it, so long prompts are not starved by short ones."""
+        and holds back the ones behind it, so long prompts are not starved by short ones.
+        A request that fails to start (its adapter, out of memory) ends with its error;
+        the others go on."""
         admitted, budget = 0, PREFILL_TOKEN_BUDGET
         keep: deque[_Sequence] = deque()
-        while self._waiting:
-            seq = self._waiting.popleft()
-            rows = 1 + len(seq.others)  # n choices take n rows from one prefill
-            if (len(self._running) + rows > self.max_batch or (admitted and budget < len(seq.prompt))
-                    or not self.kv.can_hold(len(seq.prompt), running=len(self._running), rows=rows)):
-                keep.append(seq)
-                keep.extend(self._waiting)
-                self._waiting.clear()
-                break
-            if seq.adapter is not None:
-                got = self.cache.acquire(seq.adapter)
-                if got is None:
+        try:
+            while self._waiting:
+                seq = self._waiting.popleft()
+                rows = 1 + len(seq.others)  # n choices take n rows from one prefill
+                if (len(self._running) + rows > self.max_batch or (admitted and budget < len(seq.prompt))
+                        or not self.kv.can_hold(len(seq.prompt), running=len(self._running), rows=rows)):
                     keep.append(seq)
-                    continue
-                self._unwant(seq)
-                if isinstance(got, BaseException):
-                    self._finish(seq, "error", got)
-                    continue
-                seq.slot = got
-            self.kv.grow(len(self._running), len(seq.prompt))  # fits: can_hold said so
-            try:
-                self._prefill(seq)
-            except Exception as exc:
-                log.exception("prefill failed for %s", seq.handle.request_id)
-                if seq in self._running:
-                    self._remove_rows([self._running.index(seq)])
-                else:
-                    self.kv.release(len(self._running))
-                self._finish(seq, "error", exc)
-                continue
-            admitted += 1
-            budget -= len(seq.prompt)
-        self._waiting = keep
+                    break
+                if seq.adapter is not None:
+                    try:
+                        got = self.cache.acquire(seq.adapter)
+                    except Exception as exc:  # acquire answers its own failures; this one ends only this request
+                        log.exception("acquiring the adapter of %s failed", seq.handle.request_id)
+                        got = exc
+                    if got is None:
+                        keep.append(seq)
+                        continue
+                    self._unwant(seq)
+                    if isinstance(got, BaseException):
+                        log.warning("request %s: %s", seq.handle.request_id, got)
+                        self._finish(seq, "error", got)
+                        continue
+                    seq.slot = got
+                if self._start(seq, rows):
+                    admitted += 1
+                    budget -= len(seq.prompt)
+        finally:
+            # whatever happened, every request not admitted or finished waits on
+            keep.extend(self._waiting)
+            self._waiting = keep
         return admitted
+
+    def _start(self, seq: _Sequence, rows: int) -> bool:
+        """Give an admitted request its rows and prefill it; False if that failed, and
+        then the request has ended with the error and given back its rows and cache."""
+        row = len(self._running)
+        what = "preparing the per-row adapter copies"
+        try:
+            if seq.slot:  # the row copies grow here (a larger rank, more rows), not in the next decode
+                self.rows.prepare([s.slot for s in self._running] + [seq.slot] * rows)
+            if not self.kv.grow(row, len(seq.prompt)):  # can_hold said it fits
+                raise self.kv.full_error(len(seq.prompt), row)
+            what = f"prefilling a prompt of {len(seq.prompt)} tokens"
+            self._prefill(seq)
+            return True
+        except Exception as exc:
+            log.exception("admitting %s failed", seq.handle.request_id)
+            group = self._running[row:]  # the request and the copies of its choices made so far
+            self._remove_rows(list(range(row, len(self._running))))
+            for r in range(len(self._running), self.max_batch):  # rows past the batch hold nothing
+                self.kv.release(r)
+            error = memory_error(exc, what)
+            for s in [seq, *(g for g in group if g is not seq)]:
+                self._finish(s, "error", error)
+            return False
 
     def _prefill(self, seq: _Sequence) -> None:
         with self._cond:
@@ -383,10 +408,10 @@ class Engine:
             copy = _Sequence(handle=handle, prompt=seq.prompt, adapter=seq.adapter, params=seq.params,
                              stop_ids=seq.stop_ids, length=seq.length, admitted=True)
             copy.sampler = RowSampler.build(seq.params, seq.prompt, self.runner.vocab_size, self.device, i)
-            if seq.slot:
-                copy.slot = self.cache.acquire(seq.adapter)  # loaded and pinned: the same slot
             self.kv.grow(len(self._running), seq.length)  # fits: admission counted every row
             self.kv.copy(row, len(self._running), seq.length)
+            if seq.slot:  # pinned once the row is there, so a failed copy leaves no pin behind
+                copy.slot = self.cache.acquire(seq.adapter)  # loaded and pinned: the same slot
             self._running.append(copy)
             copies.append(copy)
         seq.others = []

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from hatrack.server.engine.errors import EngineError, KVBudgetError
+from hatrack.server.engine.errors import EngineError, KVBudgetError, is_out_of_memory
 
 WINDOW_STEP = 64  # decode attends over windows of this many positions (see model.py)
 DEFAULT_FRACTION = 0.5  # of the memory available when the engine starts
@@ -102,8 +102,16 @@ class KVCache:
             per_row = budget // (max_batch * self.position_bytes) // self.chunk * self.chunk
             self.row_limit = min(self.max_capacity, max(per_row, self.chunk))
             size = (max_batch, shape.kv_heads, self.row_limit, shape.head_dim)
-            self.k = [torch.zeros(size, dtype=shape.dtype, device=device) for _ in range(shape.layers)]
-            self.v = [torch.zeros(size, dtype=shape.dtype, device=device) for _ in range(shape.layers)]
+            try:
+                self.k = [torch.zeros(size, dtype=shape.dtype, device=device) for _ in range(shape.layers)]
+                self.v = [torch.zeros(size, dtype=shape.dtype, device=device) for _ in range(shape.layers)]
+            except Exception as exc:
+                if not is_out_of_memory(exc):
+                    raise
+                raise EngineError(
+                    f"cannot allocate the KV cache budget of {budget / GB:.3g} GB on {device}: out of memory; "
+                    f"lower --kv-cache-gb"
+                ) from None
         self._plane_bytes = self.row_limit * plane_row
         self._plane_row = plane_row
 

@@ -101,6 +101,15 @@ class SlotBank:
         assert 1 <= slot <= self.n_slots
         if weights.rank > self.rank:
             self._grow(weights.rank)
+        try:
+            self._copy_in(slot, weights)
+        except BaseException:
+            # half written: the slot holds nothing usable, and row copies of it are stale
+            self.slot_groups[slot] = frozenset()
+            self.version[slot] += 1
+            raise
+
+    def _copy_in(self, slot: int, weights: LoraWeights) -> None:
         for group, suffixes in GROUPS:
             self.A[group][:, slot].zero_()
             for suffix in suffixes:
@@ -120,21 +129,26 @@ class SlotBank:
         self.version[slot] += 1
 
     def _grow(self, rank: int) -> None:
+        """Reallocate A and B at a larger rank, all or nothing: every new tensor is
+        allocated before any replaces the old, so an allocation failure (out of memory)
+        leaves the bank as it was, at its old rank."""
         new = min(self.max_rank, -(-rank // _RANK_STEP) * _RANK_STEP)
         old = self.rank
         kw = dict(dtype=self.dtype, device=self.device)
         s1 = self.n_slots + 1
+        A: dict[str, torch.Tensor] = {}
+        B: dict[str, torch.Tensor] = {}
         for group, suffixes in GROUPS:
-            a = torch.zeros(self.n_layers, s1, self.in_dim[group], len(suffixes) * new, **kw)
-            for j in range(len(suffixes) if old else 0):
-                a[..., j * new : j * new + old].copy_(self.A[group][..., j * old : (j + 1) * old])
-            self.A[group] = a
+            A[group] = torch.zeros(self.n_layers, s1, self.in_dim[group], len(suffixes) * new, **kw)
             for suffix in suffixes:
-                b = torch.zeros(self.n_layers, s1, new, self.out_dim[suffix], **kw)
-                if old:
-                    b[:, :, :old].copy_(self.B[suffix])
-                self.B[suffix] = b
-        self.rank = new
+                B[suffix] = torch.zeros(self.n_layers, s1, new, self.out_dim[suffix], **kw)
+        if old:
+            for group, suffixes in GROUPS:
+                for j in range(len(suffixes)):
+                    A[group][..., j * new : j * new + old].copy_(self.A[group][..., j * old : (j + 1) * old])
+                for suffix in suffixes:
+                    B[suffix][:, :, :old].copy_(self.B[suffix])
+        self.A, self.B, self.rank = A, B, new
 
     def groups_of(self, row_slots: list[int]) -> frozenset[str]:
         """The module groups any of these slots' adapters touch."""
@@ -178,13 +192,20 @@ class RowBank:
         self._groups: frozenset[str] = frozenset()
 
     def _allocate(self, rows: int) -> None:
+        """Reallocate the row copies (more rows, or the bank's new rank). Every row is
+        gathered again afterwards, so the old copies go first (a lower peak); an allocation
+        failure leaves no copies at all (capacity 0), which the next prepare redoes."""
         s = self.slots
         new = min(self.max_rows, max(rows, 8, 2 * self.capacity))
         kw = dict(dtype=s.dtype, device=s.device)
+        self.A, self.B, self.capacity, self._held = {}, {}, 0, []
+        A: dict[str, torch.Tensor] = {}
+        B: dict[str, torch.Tensor] = {}
         for group, suffixes in GROUPS:
-            self.A[group] = torch.zeros(s.n_layers, new, s.in_dim[group], len(suffixes) * s.rank, **kw)
+            A[group] = torch.zeros(s.n_layers, new, s.in_dim[group], len(suffixes) * s.rank, **kw)
             for suffix in suffixes:
-                self.B[suffix] = torch.zeros(s.n_layers, new, s.rank, s.out_dim[suffix], **kw)
+                B[suffix] = torch.zeros(s.n_layers, new, s.rank, s.out_dim[suffix], **kw)
+        self.A, self.B = A, B
         self.capacity, self.rank = new, s.rank
         self._held = [None] * new  # everything is gathered again
 
