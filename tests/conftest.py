@@ -21,25 +21,25 @@ REPO = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("HATRACK_TEST_CACHE", REPO / ".test-cache"))
 
 
-@pytest.fixture(scope="session")
-def default_base_dir() -> Path:
+def default_base(cache: Path = CACHE) -> Path:
+    """The real default base converted under cache/bases (once per machine)."""
     from hatrack import basemodel
 
-    target = CACHE / "bases" / "smollm2-135m"
+    target = cache / "bases" / "smollm2-135m"
     if not (target / "config.json").is_file():
         basemodel.convert_gguf(basemodel.locate_default_gguf(), target)
     return target
 
 
-@pytest.fixture(scope="session")
-def tiny_base_dir(default_base_dir: Path) -> Path:
-    target = CACHE / "bases" / "tiny-llama"
+def tiny_base(cache: Path = CACHE) -> Path:
+    """The tiny random Llama under cache/bases, built once from the default base's tokenizer."""
+    target = cache / "bases" / "tiny-llama"
     if (target / "config.json").is_file():
         return target
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    tokenizer = AutoTokenizer.from_pretrained(default_base_dir)
+    tokenizer = AutoTokenizer.from_pretrained(default_base(cache))
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=64,
@@ -62,6 +62,16 @@ def tiny_base_dir(default_base_dir: Path) -> Path:
     tokenizer.save_pretrained(tmp)
     tmp.rename(target)
     return target
+
+
+@pytest.fixture(scope="session")
+def default_base_dir() -> Path:
+    return default_base()
+
+
+@pytest.fixture(scope="session")
+def tiny_base_dir(default_base_dir: Path) -> Path:
+    return tiny_base()
 
 
 @pytest.fixture()

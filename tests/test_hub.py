@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import pytest
 from conftest import hand_adapter, hatrack_cli, tiny_registry, write_peft_adapter
 from hub_server import LoopbackHub
-from serving import free_port, hatrack_home_env
+from serving import ServerProcess, free_port, hatrack_home_env
 
 TOKEN = "hf_loopback_test_token"
 DATASET_SHA = "ab" * 32
@@ -199,3 +199,42 @@ def test_push_of_a_base_without_a_hub_id_is_refused_with_the_reason(rack, hub: L
     assert hub.state.load("acme-org/plain-lora") is None  # refused before anything was created
     out = rack.cli("push", "plain", "acme-org/plain-lora", "--base-model", "HuggingFaceTB/SmolLM2-135M-Instruct").stdout
     assert out.startswith(f"pushed plain@1 to acme-org/plain-lora (main): {hub.url}/acme-org/plain-lora/commit/")
+
+
+def test_a_pulled_adapter_serves_by_name_and_version(rack, hub: LoopbackHub, tiny_base_dir: Path, tmp_path: Path):
+    """A plain PEFT folder published on the Hub (no hatrack.json) is pulled into the registry,
+    then `hatrack serve` answers with it through the openai client: by name and by NAME@1,
+    with its own greedy text, not the base's."""
+    from huggingface_hub import CommitOperationAdd
+    from openai import OpenAI
+
+    # B weights far from zero (scale 0.3), so the adapter visibly changes the tiny base's answers
+    folder = write_peft_adapter(tiny_base_dir, tmp_path / "brisk", rank=4, alpha=8, seed=11, scale=0.3)
+    api = _api(hub)
+    api.create_repo("brisk-org/brisk-lora")
+    commit = api.create_commit("brisk-org/brisk-lora", commit_message="weights", operations=[
+        CommitOperationAdd(n, str(folder / n)) for n in ("adapter_config.json", "adapter_model.safetensors")]).oid
+    pulled = json.loads(rack.cli("pull", "brisk-org/brisk-lora", "--name", "brisk", "--base", "tiny", "--json").stdout)
+    assert pulled["label"] == "brisk@1" and pulled["base"] == "tiny"
+    show = json.loads(rack.cli("show", "brisk@1", "--json").stdout)
+    assert (show["origin"]["kind"], show["origin"]["repo_id"], show["origin"]["commit"]) == (
+        "hub", "brisk-org/brisk-lora", commit)
+
+    server = ServerProcess(rack.home, "--base", "tiny", "--quantize", "none", "--device", "cpu", "--no-auth",
+                           "--max-tokens", "16").start()
+    try:
+        client = OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0)
+        question = [{"role": "user", "content": "Where is my order?"}]
+        answers = {}
+        for model in ("brisk", "brisk@1", "tiny"):
+            raw = client.chat.completions.with_raw_response.create(model=model, messages=question, temperature=0,
+                                                                   max_tokens=12)
+            assert raw.status_code == 200, model
+            answers[model] = raw.parse().choices[0].message.content
+            assert answers[model], model
+            if model != "tiny":
+                assert raw.headers["x-hatrack-model"] == "brisk@1"
+                assert raw.headers["x-hatrack-artifact-sha256"] == pulled["sha256"] == show["sha256"]
+    finally:
+        server.stop()
+    assert answers["brisk"] == answers["brisk@1"] != answers["tiny"], answers

@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy.orm import defer
+from sqlalchemy import Row
 from sqlmodel import select
 
 from hatrack.registry.errors import NotFoundError, RegistryError
@@ -31,8 +31,8 @@ class _Shown:
     so `hatrack eval` results show up in listings at once. (The promotion gate reads
     held-out rows itself, in aliases.py.)"""
 
-    def __init__(self, scores: list[Score]) -> None:
-        newest: dict[str, Score] = {}
+    def __init__(self, scores: list[Score | Row]) -> None:
+        newest: dict[str, Score | Row] = {}
         for s in scores:
             cur = newest.get(s.metric)
             if cur is None or (s.created, s.id) > (cur.created, cur.id):
@@ -50,7 +50,7 @@ class _Shown:
         }
 
 
-def _row_dict(v: AdapterVersion, tags: dict[str, str], scores: list[Score], aliases: list[str]) -> dict[str, Any]:
+def _row_dict(v: AdapterVersion | Row, tags: dict[str, str], scores: list[Score | Row], aliases: list[str]) -> dict[str, Any]:
     return {
         "name": v.name, "version": v.version, "label": f"{v.name}@{v.version}", "status": v.status,
         "created": iso(v.created), "created_ts": epoch(v.created),
@@ -83,12 +83,23 @@ def _sort_key(sort: str):
     return (lambda r: (sort not in r["scores"], sign * r["scores"].get(sort, 0.0), r["name"], r["version"])), False
 
 
+# What a listing reads, as plain result rows rather than model instances: building an ORM
+# object per version, tag and score cost more than the queries themselves on a rack of
+# 1,000 versions. The rows carry the same attribute names, so _row_dict and _Shown take both.
+_LISTED = (AdapterVersion.id, AdapterVersion.name, AdapterVersion.version, AdapterVersion.status,
+           AdapterVersion.created, AdapterVersion.base_name, AdapterVersion.base_fingerprint,
+           AdapterVersion.quantization, AdapterVersion.parent_version, AdapterVersion.dataset_sha256,
+           AdapterVersion.dataset_rows, AdapterVersion.dataset_source, AdapterVersion.seed,
+           AdapterVersion.sha256, AdapterVersion.size, AdapterVersion.lora)
+_SCORE_SHOWN = (Score.version_id, Score.id, Score.metric, Score.value, Score.base_value, Score.split,
+                Score.created, Score.precision)
+
+
 def list_versions(reg: "Registry", name: str | None = None, tags: dict[str, str] | None = None,
                   base: str | None = None, sort: str | None = None) -> list[dict]:
     tags = validate_tags(tags)
-    # a listing shows none of the big JSON columns (loss curves, configs): not loaded, not decoded
-    stmt = select(AdapterVersion).options(defer(AdapterVersion.train_config), defer(AdapterVersion.train_metrics),
-                                          defer(AdapterVersion.lib_versions))
+    # a listing shows none of the big JSON columns (loss curves, configs): not selected, not decoded
+    stmt = select(*_LISTED)
     if name is not None:
         stmt = stmt.where(AdapterVersion.name == validate_name(name))
     if base is not None:
@@ -99,16 +110,18 @@ def list_versions(reg: "Registry", name: str | None = None, tags: dict[str, str]
         versions = session.exec(stmt.order_by(AdapterVersion.name, AdapterVersion.version)).all()
         ids = [v.id for v in versions]
         tag_map: dict[int, dict[str, str]] = defaultdict(dict)
-        score_map: dict[int, list[Score]] = defaultdict(list)
+        score_map: dict[int, list[Any]] = defaultdict(list)
         alias_map: dict[tuple[str, int], list[str]] = defaultdict(list)
         if ids:
-            for t in session.exec(select(Tag).where(Tag.version_id.in_(ids)).order_by(Tag.key)).all():
-                tag_map[t.version_id][t.key] = t.value
-            for s in session.exec(select(Score).where(Score.version_id.in_(ids))).all():
+            for version_id, key, value in session.exec(
+                    select(Tag.version_id, Tag.key, Tag.value).where(Tag.version_id.in_(ids)).order_by(Tag.key)):
+                tag_map[version_id][key] = value
+            for s in session.exec(select(*_SCORE_SHOWN).where(Score.version_id.in_(ids))):
                 score_map[s.version_id].append(s)
             names = sorted({v.name for v in versions})
-            for a in session.exec(select(Alias).where(Alias.name.in_(names))).all():
-                alias_map[(a.name, a.version)].append(a.alias)
+            for alias_name, version, alias in session.exec(
+                    select(Alias.name, Alias.version, Alias.alias).where(Alias.name.in_(names))):
+                alias_map[(alias_name, version)].append(alias)
     rows = [_row_dict(v, tag_map[v.id], score_map[v.id], alias_map[(v.name, v.version)]) for v in versions]
     if sort:
         check_sort(sort, rows)
