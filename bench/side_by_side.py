@@ -25,6 +25,7 @@ import argparse
 import concurrent.futures as cf
 import json
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -39,6 +40,7 @@ import httpx
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO))  # this checkout's hatrack, here and in every process started
 
 from serve import QUESTION, make_adapters, report  # noqa: E402  (bench/serve.py)
 from serving import free_port  # noqa: E402  (tests/serving.py)
@@ -166,7 +168,7 @@ def vllm_side(args: argparse.Namespace, env: dict[str, str], base: str) -> tuple
     served = command["argv"][command["argv"].index("--served-model-name") + 1]
     base_model = served if args.vllm_base == "raw" else command["base"]
     vllm_env = {**env, **command["env"], "VLLM_CPU_KVCACHE_SPACE": str(args.vllm_kv_gb),
-                "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
+                "PYTHONUNBUFFERED": "1", **dict(item.split("=", 1) for item in args.vllm_env)}
     return Side("vLLM", command["argv"], vllm_env, base_model), command
 
 
@@ -179,7 +181,7 @@ def hatrack_side(quantize: str, env: dict[str, str], base: str, top: int) -> Sid
         from hatrack.precision import default_serving_quantize
 
         label += f" ({default_serving_quantize('cpu')})"
-    return Side(label, argv, {**env, "PYTHONPATH": str(REPO)}, base)
+    return Side(label, argv, env, base)
 
 
 # ---------------------------------------------------------------- report
@@ -280,10 +282,14 @@ def parse_args() -> argparse.Namespace:
                              "zero adapter (what `hatrack vllm command` serves it as); raw = BASE.raw, the "
                              "model without an adapter")
     parser.add_argument("--vllm-kv-gb", type=float, default=4, help="VLLM_CPU_KVCACHE_SPACE in GiB")
+    parser.add_argument("--vllm-env", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra environment for vLLM, repeatable (e.g. VLLM_CPU_OMP_THREADS_BIND=0-1)")
     parser.add_argument("--json-out", type=Path, default=None, help="write raw numbers here")
     parser.add_argument("--out", type=Path, default=None, help="write the markdown here too")
     args = parser.parse_args()
     args.quantize = [q.strip() for q in args.quantize.split(",") if q.strip()]
+    if any("=" not in item for item in args.vllm_env):
+        parser.error("--vllm-env expects KEY=VALUE")
     args.vllm_venv = args.vllm_venv.resolve()
     if not (args.vllm_venv / "bin" / "python").exists():
         parser.error(f"--vllm-venv {args.vllm_venv}: no bin/python (build it with scripts/vllm-venv.sh)")
@@ -294,11 +300,12 @@ def main() -> None:
     args = parse_args()
     started = datetime.now(timezone.utc)
     home = Path(tempfile.mkdtemp(prefix="hatrack-sbs-"))
+    print(f"registry and server logs in {home}", file=sys.stderr, flush=True)
     os.environ["HATRACK_HOME"] = str(home)
     os.environ.pop("HATRACK_DB_URL", None)
     # the converted default base is shared with the test suite's cache (converted once)
     os.environ.setdefault("HATRACK_BASES_DIR", str(REPO / ".test-cache" / "bases"))
-    env = dict(os.environ)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
 
     from hatrack import basemodel
     from hatrack.registry import Registry
@@ -319,6 +326,8 @@ def main() -> None:
     finally:
         for side in sides:
             side.stop()
+        for bulky in ("src", "store"):  # the adapters (hundreds of MB); the logs stay
+            shutil.rmtree(home / bulky, ignore_errors=True)
 
     summary = summarize(results, args.concurrency)
     argv = " ".join(sys.argv[1:])
