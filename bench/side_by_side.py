@@ -287,7 +287,14 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--json-out", type=Path, default=None, help="write raw numbers here")
     parser.add_argument("--out", type=Path, default=None, help="write the markdown here too")
     args = parser.parse_args()
+    from hatrack.precision import QUANTIZE_CHOICES
+
     args.quantize = [q.strip() for q in args.quantize.split(",") if q.strip()]
+    for mode in args.quantize:
+        if mode not in ("auto", *QUANTIZE_CHOICES):
+            parser.error(f"--quantize {mode}: expected auto, {', '.join(QUANTIZE_CHOICES)} (comma-separated)")
+    if not args.quantize or not args.concurrency or min(args.concurrency) < 1:
+        parser.error("--quantize and --concurrency need at least one value (concurrency >= 1)")
     if any("=" not in item for item in args.vllm_env):
         parser.error("--vllm-env expects KEY=VALUE")
     args.vllm_venv = args.vllm_venv.resolve()
@@ -319,10 +326,13 @@ def main() -> None:
     vllm, command = vllm_side(args, env, base.name)
     sides = [vllm, *(hatrack_side(q, env, base.name, max(args.concurrency)) for q in args.quantize)]
     results: dict[str, list[dict]] = {s.label: [] for s in sides}
+    meta = {"date": started.isoformat(), "cpu": cpu_model(), "cores": os.cpu_count(), "args": vars(args),
+            "base": base.name, "vllm_command": command, "vllm_base_model": vllm.base_model, "rounds": results}
     try:
         for round_no in range(1, args.rounds + 1):
             for side in sides:  # one server up at a time
                 results[side.label].append(measure(side, adapters, args, home, round_no))
+                write_json(args.json_out, {**meta, "complete": False})  # a long run keeps what it measured
     finally:
         for side in sides:
             side.stop()
@@ -343,11 +353,12 @@ def main() -> None:
         *table(summary, args.concurrency),
     ]
     report(lines, args.out)
-    if args.json_out:
-        args.json_out.write_text(json.dumps({
-            "date": started.isoformat(), "cpu": cpu_model(), "cores": os.cpu_count(), "args": vars(args),
-            "base": base.name, "vllm_command": command, "vllm_base_model": vllm.base_model,
-            "rounds": results, "summary": summary}, indent=2, default=str) + "\n")
+    write_json(args.json_out, {**meta, "complete": True, "summary": summary})
+
+
+def write_json(path: Path | None, data: dict) -> None:
+    if path:
+        path.write_text(json.dumps(data, indent=2, default=str) + "\n")
 
 
 if __name__ == "__main__":
