@@ -20,7 +20,7 @@ bash scripts/chromium.sh || echo "continuing without Chromium: the dashboard's b
 # vLLM (CPU build) in its own venv for the vLLM integration test; a failed install is
 # reported here and that test skips, naming the reason
 bash scripts/vllm-venv.sh >/dev/null || echo "could not build vLLM's venv (scripts/vllm-venv.sh): the vLLM test will skip" >&2
-python -m pytest -q -p no:cacheprovider "$@"
+python -m pytest -q -p no:cacheprovider --durations=25 "$@"
 rc=$?
 if [ "$rc" -eq 5 ]; then
   echo "no tests were collected: failing" >&2
