@@ -143,6 +143,31 @@ def test_compare_overlays_curves_and_highlights_differences(rack, driver):
     screenshot(driver, "compare")
 
 
+def test_rack_pages_keep_the_sort_and_cover_every_version(rack, driver):
+    reg, ui, admin, _ = rack
+    sign_in(driver, ui, admin)
+    want = [r["label"] for r in reg.list_versions(sort="eval_loss")]
+    assert len(want) > 2
+    seen = []
+    page(driver, f"{ui.url}/ui/?sort=eval_loss&per_page=2")
+    while True:
+        labels = [tr.get_attribute("data-label") for tr in driver.find_elements(By.CSS_SELECTOR, "#rack tbody tr")]
+        assert 1 <= len(labels) <= 2
+        assert f"versions {len(seen) + 1}–{len(seen) + len(labels)} of {len(want)}" in driver.find_element(By.ID, "pager").text
+        seen += labels
+        if not driver.find_elements(By.ID, "next-page"):
+            break
+        submit(driver, "next-page")
+        assert "sort=eval_loss" in driver.current_url
+    assert seen == want
+    submit(driver, "prev-page")
+    assert [tr.get_attribute("data-label") for tr in driver.find_elements(By.CSS_SELECTOR, "#rack tbody tr")] \
+        == want[-(len(want) % 2 or 2) - 2:-(len(want) % 2 or 2)]
+    page(driver, f"{ui.url}/ui/?per_page=2&page=999")  # past the end: the last page
+    assert f"of {len(want)}" in driver.find_element(By.ID, "pager").text
+    assert driver.find_elements(By.CSS_SELECTOR, "#rack tbody tr")
+
+
 def test_promotion_goes_through_the_gate(rack, driver):
     reg, ui, admin, _ = rack
     sign_in(driver, ui, admin)
