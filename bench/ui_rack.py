@@ -28,7 +28,6 @@ import argparse
 import math
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -90,27 +89,12 @@ def build_registry(home: Path, versions: int, per_adapter: int, open_access: boo
     return secret
 
 
-def start_ui(home: Path, open_access: bool) -> tuple[subprocess.Popen, str]:
-    from serving import free_port
+def start_ui(home: Path, open_access: bool):
+    """`hatrack ui` on the registry in `home`, this checkout's hatrack (tests/browser.py's UIProcess)."""
+    from browser import UIProcess
 
-    port = free_port()
-    env = {**os.environ, "HATRACK_HOME": str(home), "PYTHONPATH": str(REPO)}
-    env.pop("HATRACK_DB_URL", None)
-    proc = subprocess.Popen([sys.executable, "-m", "hatrack.cli.main", "ui", "--port", str(port),
-                             *(["--no-auth"] if open_access else [])],
-                            env=env, stdout=open(home / "ui.log", "w"), stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"hatrack ui exited early:\n{(home / 'ui.log').read_text()[-3000:]}")
-        try:
-            httpx.get(f"{url}/ui/login", timeout=2)
-            return proc, url
-        except httpx.TransportError:
-            time.sleep(0.2)
-    proc.kill()
-    raise SystemExit("hatrack ui did not answer in 60 s")
+    os.environ["PYTHONPATH"] = str(REPO)
+    return UIProcess(home, *(["--no-auth"] if open_access else [])).start()
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -177,7 +161,8 @@ def main() -> None:
     secret = build_registry(home, args.versions, args.per_adapter, args.open)
     print(f"registry: {args.versions} versions ({args.per_adapter} per adapter) built in "
           f"{time.perf_counter() - t0:.1f} s in {home}")
-    proc, url = start_ui(home, args.open)
+    ui = start_ui(home, args.open)
+    url = ui.url
     try:
         times, size = time_server(url, secret, args.requests, args.versions)
         print(f"GET /ui/ server ({args.requests} requests, {'open' if args.open else 'admin key'}): "
@@ -191,8 +176,7 @@ def main() -> None:
                   f"of which until the HTML had arrived (responseEnd): median "
                   f"{statistics.median(arrived) * 1000:.0f} ms")
     finally:
-        proc.terminate()
-        proc.wait(20)
+        ui.stop()
         if not args.keep:
             import shutil
 
