@@ -94,7 +94,7 @@ def main() -> None:
     os.environ.pop("HATRACK_DB_URL", None)
     os.environ.setdefault("HATRACK_BASES_DIR", str(HERE.parent / ".test-cache" / "bases"))
 
-    from serve import _cpu_name, drive, report
+    from serve import cpu_name, drive, report
     from serving import ServerProcess
 
     from hatrack import basemodel
@@ -158,7 +158,7 @@ def main() -> None:
 
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     lines = [f"Precision benchmark — {stamp} — `python bench/precision.py --rounds {args.rounds}` — "
-             f"{platform.machine()} {_cpu_name()}, {os.cpu_count()} cores", "",
+             f"{platform.machine()} {cpu_name()}, {os.cpu_count()} cores", "",
              "Adapters trained on the dense base (scores recorded at "
              f"{', '.join(sorted({c['train_precision'] or '?' for c in cases.values()}))}). "
              "'same' = greedy answers identical to PEFT on the dense fp32 base; "

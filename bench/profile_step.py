@@ -38,7 +38,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from engine import N_ADAPTERS, NEW_TOKENS, in_thread, make_adapters, prompts  # noqa: E402
-from serve import report  # noqa: E402
+from serve import cpu_name, report  # noqa: E402
 
 from hatrack import basemodel  # noqa: E402
 from hatrack.server.engine import AdapterSpec, Engine, SamplingParams, load_peft_adapter  # noqa: E402
@@ -219,7 +219,7 @@ def main() -> None:
                     print(batch, label, {k: round(v, 2) for k, v in parts.items()}, flush=True)
         finally:
             engine.stop()
-    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
+    cpu = cpu_name()
     lines = [f"decode step by part, ms (median of {args.repeats}); base {base_dir.name} ({args.quantize}), "
              f"{torch.get_num_threads()} threads, {cpu}, {datetime.now(timezone.utc):%Y-%m-%d}", "",
              "| batch | rows | step | " + " | ".join(PARTS) + " | linear ceiling | step / ceiling | prefill ms/token |",

@@ -138,7 +138,8 @@ def _median_run(runs: list[dict]) -> dict:
     return {key: statistics.median(r[key] for r in runs) for key in runs[0]}
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
+    """The CPU model, as /proc/cpuinfo names it (printed beside every benchmark's numbers)."""
     try:
         for line in open("/proc/cpuinfo"):
             if line.startswith("model name"):
@@ -206,7 +207,7 @@ def main() -> None:
     lines = [
         f"Serving benchmark — {date.today()} — `python bench/serve.py --quantize {args.quantize} "
         f"--repeats {args.repeats}` — "
-        f"{platform.machine()} {_cpu_name()}, {os.cpu_count()} cores, torch threads default",
+        f"{platform.machine()} {cpu_name()}, {os.cpu_count()} cores, torch threads default",
         "",
         "| run | output tok/s | p50 latency s | p95 latency s | p50 TTFT s |",
         "|---|---|---|---|---|",

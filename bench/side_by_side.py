@@ -42,7 +42,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO))  # this checkout's hatrack, here and in every process started
 
-from serve import QUESTION, make_adapters, report  # noqa: E402  (bench/serve.py)
+from serve import QUESTION, cpu_name, make_adapters, report  # noqa: E402  (bench/serve.py)
 from serving import free_port  # noqa: E402  (tests/serving.py)
 
 N_ADAPTERS = 8
@@ -249,17 +249,6 @@ def table(summary: dict, concurrency: list[int]) -> list[str]:
     return lines
 
 
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    return "unknown CPU"
-
-
 def parse_args() -> argparse.Namespace:
     def ints(text: str) -> list[int]:
         return [int(x) for x in text.split(",") if x.strip()]
@@ -326,7 +315,7 @@ def main() -> None:
     vllm, command = vllm_side(args, env, base.name)
     sides = [vllm, *(hatrack_side(q, env, base.name, max(args.concurrency)) for q in args.quantize)]
     results: dict[str, list[dict]] = {s.label: [] for s in sides}
-    meta = {"date": started.isoformat(), "cpu": cpu_model(), "cores": os.cpu_count(), "args": vars(args),
+    meta = {"date": started.isoformat(), "cpu": cpu_name(), "cores": os.cpu_count(), "args": vars(args),
             "base": base.name, "vllm_command": command, "vllm_base_model": vllm.base_model, "rounds": results}
     try:
         for round_no in range(1, args.rounds + 1):
@@ -342,7 +331,7 @@ def main() -> None:
     summary = summarize(results, args.concurrency)
     argv = " ".join(sys.argv[1:])
     lines = [
-        f"vLLM vs hatrack serve — {started:%Y-%m-%d %H:%M} UTC — {cpu_model()}, {os.cpu_count()} cores — "
+        f"vLLM vs hatrack serve — {started:%Y-%m-%d %H:%M} UTC — {cpu_name()}, {os.cpu_count()} cores — "
         f"`python bench/side_by_side.py {argv}`",
         "",
         f"Base {base.name}; {N_ADAPTERS} random rank-16 all-linear adapters; streamed greedy chat requests of "
