@@ -88,8 +88,7 @@ def rack_page(query, total: int) -> RackPage:
         return f"{PREFIX}/?{urlencode(keep + [('page', n)])}" if 1 <= n <= pages else None
 
     first = (page - 1) * per_page
-    return RackPage(first, min(first + per_page, total), total, link(page - 1) if page > 1 else None,
-                    link(page + 1) if page < pages else None)
+    return RackPage(first, min(first + per_page, total), total, link(page - 1), link(page + 1))
 
 
 async def read_form(request: Request) -> dict[str, str]:
