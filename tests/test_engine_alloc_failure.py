@@ -192,10 +192,10 @@ def test_prefill_and_choice_copy_failures_end_only_their_requests(engine, adapte
     real_prefill, real_copy = engine.runner.prefill, engine.kv.copy
     copies = {"n": 0}
 
-    def prefill(row, ids, bank, slot):
-        if ids == victim_prompt:
+    def prefill(segments, bank):  # fails whenever the victim's prompt is in the forward
+        if any(s.ids == victim_prompt for s in segments):
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
-        return real_prefill(row, ids, bank, slot)
+        return real_prefill(segments, bank)
 
     def copy(src, dst, length):
         copies["n"] += 1

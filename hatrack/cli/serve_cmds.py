@@ -48,6 +48,12 @@ def serve(
              "fit gets 400. Default: HATRACK_KV_CACHE_GB, else half the memory available at start "
              "(free GPU memory on CUDA), at most what --max-batch rows at the full context need.",
     ),
+    prefix_cache_gb: Optional[float] = typer.Option(
+        None, show_default=False,
+        help="Memory in GB for prompt prefixes kept per adapter (a tenant's long system prompt is "
+             "prefilled once); 0 turns the prefix cache off. Default: a quarter of the KV cache "
+             "budget, at most 1 GB.",
+    ),
     max_tokens: int = typer.Option(256, help="Default max_tokens when a request sets none."),
     max_body_bytes: int = typer.Option(
         4 * 1024 * 1024, min=1, help="Largest request body accepted; larger ones get 413."
@@ -76,10 +82,13 @@ def serve(
         raise typer.BadParameter("expected auto, nf4, int8 or none", param_hint="--quantize")
     if kv_cache_gb is not None and not kv_cache_gb > 0:
         raise typer.BadParameter(f"expected a positive number of GB, got {kv_cache_gb}", param_hint="--kv-cache-gb")
+    if prefix_cache_gb is not None and not prefix_cache_gb >= 0:
+        raise typer.BadParameter(f"expected 0 or a positive number of GB, got {prefix_cache_gb}",
+                                 param_hint="--prefix-cache-gb")
     config = ServeConfig(
         base=base, quantize=quantize, device=device, max_rank=max_rank or settings.max_rank(),
         max_loaded=max_loaded, max_host=max_host, max_batch=max_batch, max_waiting=max_waiting,
-        kv_cache_gb=kv_cache_gb or settings.kv_cache_gb(),
+        kv_cache_gb=kv_cache_gb or settings.kv_cache_gb(), prefix_cache_gb=prefix_cache_gb,
         default_max_tokens=max_tokens, max_body_bytes=max_body_bytes, shutdown_timeout=shutdown_timeout, auth=not no_auth,
     )
     _log_to_stderr(log_level)

@@ -38,6 +38,14 @@ class _EngineTotals(Collector):
                                   value=s.decode_seconds if s else 0.0)
         yield CounterMetricFamily("hatrack_engine_prefill_seconds", "Time spent prefilling prompts since start",
                                   value=s.prefill_seconds if s else 0.0)
+        yield CounterMetricFamily("hatrack_engine_prefill_tokens", "Prompt tokens prefilled since start",
+                                  value=s.prefill_tokens if s else 0)
+        yield CounterMetricFamily("hatrack_engine_prefix_cache_hits",
+                                  "Prompts that started from a cached prefix of their own adapter",
+                                  value=s.prefix_cache_hits if s else 0)
+        yield CounterMetricFamily("hatrack_engine_prefix_cache_tokens",
+                                  "Prompt tokens taken from cached prefixes instead of being prefilled",
+                                  value=s.prefix_cache_tokens if s else 0)
 
 
 class _Visible:

@@ -33,6 +33,7 @@ class ServeConfig:
     max_waiting: int = 256
     max_context: int | None = None
     kv_cache_gb: float | None = None  # KV cache budget; None: the engine's default
+    prefix_cache_gb: float | None = None  # cached prompt prefixes; None: the engine's default, 0: off
     default_max_tokens: int = 256
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES  # larger request bodies get 413
     auth: bool = True  # False: open to anyone, no key (`--no-auth`); chosen here, never inferred
@@ -82,6 +83,7 @@ class ServerState:
                 max_batch=self.config.max_batch, max_context=self.config.max_context,
                 max_waiting=self.config.max_waiting, max_rank=max_rank,
                 kv_cache_bytes=None if self.config.kv_cache_gb is None else int(self.config.kv_cache_gb * 1e9),
+                prefix_cache_bytes=None if self.config.prefix_cache_gb is None else int(self.config.prefix_cache_gb * 1e9),
                 **self.config.engine_options,
             )
             engine.start()
@@ -94,9 +96,11 @@ class ServerState:
             self.ready.set()
             kv = engine.kv
             log.info("ready: base %s (fingerprint %s), device %s, precision %s, max rank %d, auth %s, "
-                     "LoRA decode on %s, KV cache %.3g GB (%d positions)", record.name, record.fingerprint[:12],
+                     "LoRA decode on %s, KV cache %.3g GB (%d positions), prefix cache %.3g GB",
+                     record.name, record.fingerprint[:12],
                      engine.device, precision, max_rank, "keys" if self.config.auth else "open (--no-auth)",
-                     engine.lora_backend, kv.budget_bytes / 1e9, kv.budget_bytes // kv.position_bytes)
+                     engine.lora_backend, kv.budget_bytes / 1e9, kv.budget_bytes // kv.position_bytes,
+                     engine.prefix.budget_bytes / 1e9)
         except Exception as err:  # reported by /ready and every /v1 call
             self.load_error = str(err).splitlines()[0] if str(err) else type(err).__name__
             log.error("base model failed to load: %s", self.load_error)

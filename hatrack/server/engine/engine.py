@@ -28,7 +28,8 @@ from hatrack.server.engine.errors import (
     memory_error,
 )
 from hatrack.server.engine.handle import RequestHandle
-from hatrack.server.engine.model import LlamaRunner
+from hatrack.server.engine.model import LlamaRunner, PrefillSegment
+from hatrack.server.engine.prefix_cache import PREFILL_CHUNK, PrefixCache
 from hatrack.server.engine.sampling import RowSampler, TokenLogprobs, check_knobs, pick_tokens
 from hatrack.server.engine import cpu_kernel as cpu_kernel_module
 from hatrack.server.engine.slots import KernelRows, LoraRows, RowBank, SlotBank, lora_dtype_for
@@ -36,7 +37,8 @@ from hatrack.server.engine.types import AdapterSpec, EngineStats, SamplingParams
 
 log = logging.getLogger("hatrack.engine")
 
-PREFILL_TOKEN_BUDGET = 4096  # prompt tokens prefilled per iteration before decoding again
+PREFILL_TOKEN_BUDGET = 2048  # prompt tokens prefilled per iteration before decoding again
+DEFAULT_PREFIX_CACHE_BYTES = 10**9  # at most; and at most a quarter of the KV cache budget
 
 
 @dataclass(eq=False)
@@ -49,6 +51,7 @@ class _Sequence:
     sampler: RowSampler | None = None  # built at admission
     others: list[RequestHandle] = field(default_factory=list)  # choices 1..n-1, until the prefill
     slot: int = 0
+    row: int = 0  # cache row (while prefilling; then the index in the running batch)
     length: int = 0  # positions in the KV cache
     generated: int = 0
     last: int = 0  # the token to feed at the next decode step
@@ -71,21 +74,33 @@ class Engine:
         max_waiting: int = 256,
         cpu_kernel: bool = True,
         kv_cache_bytes: int | None = None,
+        prefix_cache_bytes: int | None = None,
+        prefill_budget: int = PREFILL_TOKEN_BUDGET,
     ):
         """cpu_kernel: on CPU, use the compiled LoRA decode kernel where it can be built
         (False: torch ops only). max_rank: the largest LoRA rank the slots hold; None
         takes HATRACK_MAX_RANK (default 64), the limit `register` holds adapters to.
         kv_cache_bytes: the KV cache budget; None: half the memory available at start
-        (free device memory on CUDA), at most what every row at the full context needs."""
+        (free device memory on CUDA), at most what every row at the full context needs.
+        prefix_cache_bytes: memory for cached prompt prefixes, besides the KV cache; None:
+        a quarter of the KV cache budget, at most 1 GB; 0: no prefix cache.
+        prefill_budget: prompt tokens prefilled per iteration before the running answers
+        decode their next token (a longer prompt is prefilled over several iterations)."""
         max_rank = settings.max_rank() if max_rank is None else max_rank
         if max_loaded < 1 or max_batch < 1 or max_rank < 1 or max_waiting < 1:
             raise EngineError("max_loaded, max_batch, max_rank and max_waiting must be at least 1")
+        if prefill_budget < PREFILL_CHUNK:
+            raise EngineError(f"prefill_budget must be at least one chunk ({PREFILL_CHUNK} tokens)")
+        self.prefill_budget = prefill_budget
         self.model = model
         self.tokenizer = tokenizer
         self.max_batch = max_batch
         self.max_waiting = max_waiting
         self.runner = LlamaRunner(model, max_batch=max_batch, max_context=max_context, kv_cache_bytes=kv_cache_bytes)
         self.kv = self.runner.kv
+        if prefix_cache_bytes is None:
+            prefix_cache_bytes = min(DEFAULT_PREFIX_CACHE_BYTES, self.kv.budget_bytes // 4)
+        self.prefix = PrefixCache(self.kv, prefix_cache_bytes)
         kernel = cpu_kernel_module.load() if cpu_kernel and self.runner.device.type == "cpu" else None
         lora_dtype = lora_dtype_for(self.runner.device, self.runner.dtype, cpu_kernel=kernel is not None)
         self.bank = SlotBank(self.runner.layers, max_loaded, max_rank, lora_dtype, self.runner.device)
@@ -97,6 +112,7 @@ class Engine:
         self._inbox: list[_Sequence] = []
         self._waiting: deque[_Sequence] = deque()  # scheduler thread only
         self._running: list[_Sequence] = []  # scheduler thread only; index = cache row
+        self._partial: _Sequence | None = None  # scheduler thread only; a long prompt being prefilled
         self._queued = 0  # submitted, not yet admitted or finished (guarded by _cond)
         self._kicked = False
         self._accepting = True
@@ -215,6 +231,8 @@ class Engine:
             prefill_tokens=self._prefill_tokens,
             prefill_seconds=self._prefill_seconds,
             decode_seconds=self._decode_seconds,
+            prefix_cache_hits=self.prefix.stats.hits,
+            prefix_cache_tokens=self.prefix.stats.reused_tokens,
         )
 
     # ------------------------------------------------------------ checks
@@ -259,7 +277,7 @@ class Engine:
                 if not self._kicked:
                     self._cond.wait(timeout=0.5)
             else:
-                while not (self._kicked or self._inbox or self._running or self._waiting):
+                while not (self._kicked or self._inbox or self._running or self._waiting or self._partial):
                     self._cond.wait()
             self._kicked = False
             self._waiting.extend(self._inbox)
@@ -284,9 +302,10 @@ class Engine:
                 except Exception as exc:  # a bug or out-of-memory: fail what ran, keep serving
                     log.exception("engine step failed")
                     error = memory_error(exc, f"in a decode step of {len(self._running)} rows")
-                    for seq in list(self._running):
+                    for seq in self._running + ([self._partial] if self._partial else []):
                         self._finish(seq, "error", error)
                     self._running.clear()
+                    self._partial = None
                     self.kv.release_all()
 
     def _shutdown_step(self) -> bool:
@@ -294,6 +313,8 @@ class Engine:
         for seq in self._waiting:
             self._finish(seq, "cancelled")
         self._waiting.clear()
+        if self._partial is not None:  # not answering yet: like a waiting request
+            self._drop_partial("cancelled")
         if self._running and time.monotonic() < self._deadline:
             return False
         for seq in self._running:
@@ -311,6 +332,8 @@ class Engine:
                 else:
                     keep.append(seq)
             self._waiting = keep
+        if self._partial is not None and _all_cancelled(self._partial):
+            self._drop_partial("cancelled")
         done = [i for i, s in enumerate(self._running) if s.handle.cancelled]
         if done:
             for i in done:
@@ -318,20 +341,34 @@ class Engine:
             self._remove_rows(done)
 
     def _admit(self) -> int:
-        """Prefill waiting requests in arrival order while rows and KV cache are free; a
-        request whose adapter is still loading (or finds every slot pinned) waits without
-        blocking the ones behind it. One whose prompt does not fit the free KV cache waits
-        and holds back the ones behind it, so long prompts are not starved by short ones.
-        A request that fails to start (its adapter, out of memory) ends with its error;
-        the others go on."""
-        admitted, budget = 0, PREFILL_TOKEN_BUDGET
+        """Start waiting requests in arrival order while rows and KV cache are free, then
+        prefill them together. A request whose adapter is still loading (or finds every
+        slot pinned) waits without blocking the ones behind it. One whose prompt does not
+        fit the free KV cache waits and holds back the ones behind it, so long prompts are
+        not starved by short ones. A prompt longer than this iteration's token budget is
+        prefilled a few chunks per iteration (the partial one, one at a time), so running
+        answers keep decoding meanwhile. A request that fails to start (its adapter, out
+        of memory) ends with its error; the others go on. Returns how many requests were
+        started or moved on."""
+        budget = self.prefill_budget
+        partial = self._partial
+        reserved = self._rows_of(partial) if partial else 0  # the partial's rows, taken when it joins
+        if partial is not None:
+            budget -= PREFILL_CHUNK  # it moves on by at least a chunk each iteration
+        fresh: list[_Sequence] = []
+        next_row = len(self._running)
         keep: deque[_Sequence] = deque()
         try:
             while self._waiting:
                 seq = self._waiting.popleft()
-                rows = 1 + len(seq.others)  # n choices take n rows from one prefill
-                if (len(self._running) + rows > self.max_batch or (admitted and budget < len(seq.prompt))
-                        or not self.kv.can_hold(len(seq.prompt), running=len(self._running), rows=rows)):
+                rows = self._rows_of(seq)
+                busy = next_row + reserved
+                if busy + rows > self.max_batch or not self.kv.can_hold(len(seq.prompt), running=busy, rows=rows):
+                    keep.append(seq)
+                    break
+                entry, hit = self.prefix.lookup(_prefix_key(seq), seq.prompt)
+                chunked = len(seq.prompt) - hit > budget
+                if chunked and self._partial is not None:  # one partial at a time; it goes first
                     keep.append(seq)
                     break
                 if seq.adapter is not None:
@@ -349,56 +386,152 @@ class Engine:
                         self._finish(seq, "error", got)
                         continue
                     seq.slot = got
-                if self._start(seq, rows):
-                    admitted += 1
-                    budget -= len(seq.prompt)
+                # the partial waits in the last rows until its prompt is in, then joins the batch
+                row = self.max_batch - rows if chunked else next_row
+                if not self._start(seq, rows, row, entry, hit, fresh):
+                    continue
+                if chunked:
+                    self._partial, reserved = seq, rows
+                else:
+                    fresh.append(seq)
+                    next_row += rows
+                    budget -= len(seq.prompt) - hit
         finally:
             # whatever happened, every request not admitted or finished waits on
             keep.extend(self._waiting)
             self._waiting = keep
-        return admitted
+        if fresh or self._partial is not None:
+            self._prefill(fresh, max(budget, 0))
+        return len(fresh) + (self._partial is not None or partial is not None)
 
-    def _start(self, seq: _Sequence, rows: int) -> bool:
-        """Give an admitted request its rows and prefill it; False if that failed, and
-        then the request has ended with the error and given back its rows and cache."""
-        row = len(self._running)
+    def _rows_of(self, seq: _Sequence) -> int:
+        return 1 + len(seq.others)  # n choices take n rows from one prefill
+
+    def _start(self, seq: _Sequence, rows: int, row: int, entry, hit: int, fresh: list[_Sequence]) -> bool:
+        """Give an admitted request its cache row (and the cached prefix of its prompt);
+        False if that failed, and then the request has ended with the error and given
+        its cache back."""
         what = "preparing the per-row adapter copies"
         try:
             if seq.slot:  # the row copies grow here (a larger rank, more rows), not in the next decode
-                self.rows.prepare([s.slot for s in self._running] + [seq.slot] * rows)
+                slots = [s.slot for s in self._running] + [s.slot for s in fresh for _ in range(self._rows_of(s))]
+                if self._partial is not None:
+                    slots += [self._partial.slot] * self._rows_of(self._partial)
+                self.rows.prepare(slots + [seq.slot] * rows)
             if not self.kv.grow(row, len(seq.prompt)):  # can_hold said it fits
                 raise self.kv.full_error(len(seq.prompt), row)
-            what = f"prefilling a prompt of {len(seq.prompt)} tokens"
-            self._prefill(seq)
-            return True
+            what = f"restoring a cached prefix of {hit} tokens"
+            if entry is not None:
+                self.prefix.restore(entry, hit, row)
         except Exception as exc:
             log.exception("admitting %s failed", seq.handle.request_id)
-            group = self._running[row:]  # the request and the copies of its choices made so far
-            self._remove_rows(list(range(row, len(self._running))))
-            for r in range(len(self._running), self.max_batch):  # rows past the batch hold nothing
-                self.kv.release(r)
-            error = memory_error(exc, what)
-            for s in [seq, *(g for g in group if g is not seq)]:
-                self._finish(s, "error", error)
+            self.kv.release(row)
+            self._finish(seq, "error", memory_error(exc, what))
             return False
-
-    def _prefill(self, seq: _Sequence) -> None:
         with self._cond:
             self._queued -= 1
         seq.admitted = True
-        row = len(self._running)
-        self._running.append(seq)
-        started = time.perf_counter()
+        seq.row, seq.length = row, hit
         seq.sampler = RowSampler.build(seq.params, seq.prompt, self.runner.vocab_size, self.device)
-        logits = self.runner.prefill(row, seq.prompt, self.bank, seq.slot)
-        seq.length = len(seq.prompt)
-        self._prefill_tokens += seq.length
-        group = [seq, *self._copies(seq, row)]
-        tokens, logprobs = pick_tokens(logits[None].expand(len(group), -1), [s.sampler for s in group])
+        return True
+
+    def _segments(self, seq: _Sequence, end: int) -> list[PrefillSegment]:
+        """Positions seq.length..end of a prompt as chunks whose boundaries depend on the
+        prompt alone, so a prompt is computed the same way in any company and with or
+        without a cached prefix; the last one wants logits if it ends the prompt."""
+        return [
+            PrefillSegment(seq.row, seq.prompt[c : min(c + PREFILL_CHUNK, end)], c, seq.slot,
+                           logits=min(c + PREFILL_CHUNK, end) == len(seq.prompt))
+            for c in range(seq.length, end, PREFILL_CHUNK)
+        ]
+
+    def _forward(self, work: list[tuple[_Sequence, int]]) -> dict[_Sequence, torch.Tensor | BaseException | None]:
+        """Prefill each (sequence, up to position) in one forward; if that fails, each
+        alone, so a failure ends only the requests it belongs to. Maps each sequence to
+        its last logits (None if its prompt is not all in yet) or its error."""
+        segments = [self._segments(seq, end) for seq, end in work]
+        try:
+            logits = self.runner.prefill([g for group in segments for g in group], self.bank)
+        except Exception:
+            if len(work) == 1:
+                raise
+            log.warning("a prefill of %d prompts failed; prefilling them one at a time", len(work))
+            return {seq: self._forward_alone(seq, end) for seq, end in work}
+        out: dict[_Sequence, torch.Tensor | BaseException | None] = {}
+        j = 0
+        for (seq, end), group in zip(work, segments):
+            out[seq] = None
+            if group[-1].logits:
+                out[seq], j = logits[j], j + 1
+        return out
+
+    def _forward_alone(self, seq: _Sequence, end: int) -> torch.Tensor | BaseException | None:
+        try:
+            return self._forward([(seq, end)])[seq]
+        except Exception as exc:
+            log.exception("prefilling %s failed", seq.handle.request_id)
+            return memory_error(exc, f"prefilling a prompt of {len(seq.prompt)} tokens")
+
+    def _prefill(self, fresh: list[_Sequence], budget: int) -> None:
+        """Prefill the fresh requests whole and the partial one by as many chunks as the
+        budget leaves (at least one) in one forward; prefilled requests sample their
+        first token and join the running batch in cache-row order."""
+        started = time.perf_counter()
+        partial = self._partial
+        work = [(seq, len(seq.prompt)) for seq in fresh]
+        if partial is not None:
+            step = max(budget // PREFILL_CHUNK, 1) * PREFILL_CHUNK
+            work.append((partial, min(len(partial.prompt), partial.length + step)))
+        try:
+            results = self._forward(work)
+        except Exception as exc:  # a single prompt's forward failed
+            log.exception("prefilling %s failed", work[0][0].handle.request_id)
+            results = {work[0][0]: memory_error(exc, f"prefilling a prompt of {len(work[0][0].prompt)} tokens")}
+        for seq, end in work:
+            if not isinstance(results[seq], BaseException):
+                self._prefill_tokens += end - seq.length
+                seq.length = end
+                if results[seq] is not None:
+                    self.prefix.offer(_prefix_key(seq), seq.prompt, seq.row)
+        remove: list[int] = []
+        for seq in fresh:  # rows len(running).. in order, so the batch stays in rows 0..N-1
+            remove += self._join(seq, results[seq])
+        if partial is not None and results[partial] is not None:
+            self._partial = None
+            if isinstance(results[partial], BaseException):
+                self.kv.release(partial.row)
+                self._finish(partial, "error", results[partial])
+            else:
+                row = len(self._running)
+                if partial.row != row:
+                    self.kv.move(partial.row, row, partial.length)
+                    partial.row = row
+                remove += self._join(partial, results[partial])
         self._prefill_seconds += time.perf_counter() - started
-        done = [row + j for j, s in enumerate(group) if self._accept(s, tokens[j], logprobs[j])]
-        if done:
-            self._remove_rows(done)
+        if remove:
+            self._remove_rows(sorted(set(remove)))
+
+    def _join(self, seq: _Sequence, result: torch.Tensor | BaseException) -> list[int]:
+        """Put a prefilled request (and its other choices) into the running batch and
+        sample their first tokens; the rows to remove again (finished or failed)."""
+        row, rows = len(self._running), self._rows_of(seq)
+        if isinstance(result, BaseException):
+            self._finish(seq, "error", result)
+            self._running.extend([seq] * rows)  # placeholders, removed with the finished rows
+            return list(range(row, row + rows))
+        self._running.append(seq)
+        try:
+            group = [seq, *self._copies(seq, row)]
+        except Exception as exc:
+            log.exception("copying the choices of %s failed", seq.handle.request_id)
+            error = memory_error(exc, f"copying the prefilled prompt into {rows} choices")
+            made = self._running[row:]
+            for s in [seq, *(g for g in made if g is not seq)]:
+                self._finish(s, "error", error)
+            self._running.extend([seq] * (row + rows - len(self._running)))
+            return list(range(row, row + rows))
+        tokens, logprobs = pick_tokens(result[None].expand(len(group), -1), [s.sampler for s in group])
+        return [row + j for j, s in enumerate(group) if self._accept(s, tokens[j], logprobs[j])]
 
     def _copies(self, seq: _Sequence, row: int) -> list[_Sequence]:
         """Choices 1..n-1 of a prefilled sequence: its cache row copied, its adapter
@@ -483,6 +616,11 @@ class Engine:
                 self.kv.release(i)
             self._running.pop()
 
+    def _drop_partial(self, reason: str) -> None:
+        partial, self._partial = self._partial, None
+        self.kv.release(partial.row)
+        self._finish(partial, reason)
+
     def _unwant(self, seq: _Sequence) -> None:
         if seq.wanting:
             seq.wanting = False
@@ -506,6 +644,11 @@ class Engine:
             handle.emit(TokenEvent(None, reason, error))
         seq.others = []
         seq.handle.emit(event or TokenEvent(None, reason, error))
+
+
+def _prefix_key(seq: _Sequence) -> str:
+    """Whose cached prefixes a request may use: its adapter's content, or the base's."""
+    return seq.adapter.key if seq.adapter is not None else ""
 
 
 def _all_cancelled(seq: _Sequence) -> bool:

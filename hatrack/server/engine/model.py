@@ -2,11 +2,14 @@
 per-row KV cache (kv_cache.py) and the slot LoRA term added after each base projection.
 
 Every base projection module is called as-is, so bitsandbytes 4-bit/8-bit layers work
-unchanged. Prefill runs one sequence; decode runs one new token for each of the rows
-0..N-1 of the cache, so the running batch always occupies the first N cache rows.
+unchanged. Prefill runs the next tokens of several prompts in one forward; decode runs
+one new token for each of the rows 0..N-1 of the cache, so the running batch always
+occupies the first N cache rows.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +22,36 @@ SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
 # Decode attends over a window rounded up to WINDOW_STEP positions. torch's CPU attention
 # kernel then gives a row the same bits whatever the window (the extra positions are
 # masked), so a row's answer does not depend on the lengths of the rows beside it.
+
+
+@dataclass
+class PrefillSegment:
+    """Prompt tokens `ids` for positions start.. of cache row `row`, with adapter slot
+    `slot` (0: the base); logits: whether the last token's logits are wanted."""
+
+    row: int
+    ids: list[int]
+    start: int = 0
+    slot: int = 0
+    logits: bool = True
+
+
+def _slot_runs(segments: list[PrefillSegment], spans: list[tuple[int, int]]) -> list[tuple[int, int, int]]:
+    """(slot, first, end) token ranges of consecutive segments with one adapter slot."""
+    runs: list[tuple[int, int, int]] = []
+    for s, (a, b) in zip(segments, spans):
+        if not s.slot:
+            continue
+        if runs and runs[-1][0] == s.slot and runs[-1][2] == a:
+            runs[-1] = (s.slot, runs[-1][1], b)
+        else:
+            runs.append((s.slot, a, b))
+    return runs
+
+
+def _apply_runs(bank: SlotBank, runs, layer: int, group: str, x: torch.Tensor, outs) -> None:
+    for slot, a, b in runs:
+        bank.apply_slot(slot, layer, group, x[a:b], tuple(y[a:b] for y in outs))
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -96,27 +129,54 @@ class LlamaRunner:
         lora(i, "down", m, (down,))
         return x + down
 
-    def prefill(self, row: int, ids: list[int], bank: SlotBank, slot: int) -> torch.Tensor:
-        """Run a prompt through the model into cache row `row` (which kv.grow made room
-        for); the last position's logits [vocab]."""
-        n = len(ids)
-        lora = (lambda i, g, x, outs: bank.apply_slot(slot, i, g, x, outs)) if slot else (lambda *a: None)
-        x = self.embed(torch.tensor(ids, device=self.device))
-        cos, sin = self.rotary(x[None], torch.arange(n, device=self.device)[None])
-        cos, sin = cos[0], sin[0]  # [n, head_dim], broadcast over heads
+    def prefill(self, segments: list[PrefillSegment], bank: SlotBank) -> torch.Tensor:
+        """Run several prompts' next tokens through the model in one forward: each
+        segment's tokens go to positions start.. of its cache row (which kv.grow made
+        room for) and attend to that row's earlier positions. The linear layers see every
+        token at once; attention and the LoRA term run per segment. Returns the logits of
+        the last token of each segment that wants them, in order [wanting, vocab]; the LM
+        head runs on those positions only."""
+        lengths = [len(s.ids) for s in segments]
+        bounds = [0]
+        for n in lengths:
+            bounds.append(bounds[-1] + n)
+        spans = list(zip(bounds, bounds[1:]))
+        runs = _slot_runs(segments, spans)
+        lora = (lambda i, g, x, outs: _apply_runs(bank, runs, i, g, x, outs)) if runs else (lambda *a: None)
+        ids = torch.tensor([t for s in segments for t in s.ids], device=self.device)
+        pos = torch.cat([self._cols[s.start : s.start + n] for s, n in zip(segments, lengths)])
+        x = self.embed(ids)
+        cos, sin = self.rotary(x[None], pos[None])
+        cos, sin = cos[0], sin[0]  # [T, head_dim], broadcast over heads
+        # a segment after earlier positions attends to them: causal from its own start
+        masks = [
+            (self._cols[None, : s.start + n] <= self._cols[s.start : s.start + n, None]) if s.start else None
+            for s, n in zip(segments, lengths)
+        ]
+        width = self.n_heads * self.head_dim
         for i, layer in enumerate(self.layers):
             q, k, v = self._qkv(layer, i, x, lora)
-            q = self._rope(q.transpose(0, 1), cos, sin)  # [heads, n, d]
+            q = self._rope(q.transpose(0, 1), cos, sin)  # [heads, T, d]
             k = self._rope(k.transpose(0, 1), cos, sin)
             v = v.transpose(0, 1)
-            self.kv.k[i][row, :, :n] = k
-            self.kv.v[i][row, :, :n] = v
-            o = F.scaled_dot_product_attention(
-                q[None], k[None], v[None], is_causal=True, scale=self.scaling, enable_gqa=self.n_rep > 1
-            )
-            o = o[0].transpose(0, 1).reshape(n, self.n_heads * self.head_dim)
+            o = x.new_empty(x.shape[0], width)
+            k_cache, v_cache = self.kv.k[i], self.kv.v[i]
+            for s, (a, b), mask in zip(segments, spans, masks):
+                end = s.start + b - a
+                k_cache[s.row, :, s.start : end] = k[:, a:b]
+                v_cache[s.row, :, s.start : end] = v[:, a:b]
+                if mask is None:  # from position 0: the segment's own keys
+                    keys, values = k[None, :, a:b], v[None, :, a:b]
+                else:
+                    keys, values = k_cache[None, s.row, :, :end], v_cache[None, s.row, :, :end]
+                out = F.scaled_dot_product_attention(
+                    q[None, :, a:b], keys, values, attn_mask=mask, is_causal=mask is None,
+                    scale=self.scaling, enable_gqa=self.n_rep > 1,
+                )
+                o[a:b] = out[0].transpose(0, 1).reshape(b - a, width)
             x = self._out_and_mlp(layer, i, x, o, lora)
-        return self.lm_head(self.norm(x[-1:]))[0]
+        last = [b - 1 for s, (_, b) in zip(segments, spans) if s.logits]
+        return self.lm_head(self.norm(x[last]))
 
     def decode(self, tokens: list[int], positions: list[int], rows: LoraRows, slots: list[int]) -> torch.Tensor:
         """One new token for each of the rows 0..N-1; tokens[r] goes to position

@@ -78,3 +78,5 @@ class EngineStats:
     prefill_tokens: int = 0  # prompt tokens prefilled
     prefill_seconds: float = 0.0  # time spent prefilling (first tokens included)
     decode_seconds: float = 0.0  # time spent in decode steps
+    prefix_cache_hits: int = 0  # prompts that started from a cached prefix
+    prefix_cache_tokens: int = 0  # prompt tokens taken from cached prefixes instead of prefilled
