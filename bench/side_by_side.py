@@ -16,7 +16,11 @@ each concurrency. Tables show medians of rounds; ratios are medians of per-round
         [--quantize auto,nf4] [--rounds 2] [--concurrency 8,32] [--requests 64] \\
         [--max-tokens 32] [--json-out FILE] [--out FILE]
 
-The vLLM venv comes from scripts/vllm-venv.sh.
+The vLLM venv comes from scripts/vllm-venv.sh. `--against DIR` puts another hatrack
+checkout (an older commit, say) in vLLM's place, to measure an engine change the same way:
+
+    git worktree add /tmp/before HEAD~3
+    python bench/side_by_side.py --against /tmp/before --rounds 2
 """
 
 from __future__ import annotations
@@ -172,6 +176,16 @@ def vllm_side(args: argparse.Namespace, env: dict[str, str], base: str) -> tuple
     return Side("vLLM", command["argv"], vllm_env, base_model), command
 
 
+def against_side(args: argparse.Namespace, env: dict[str, str], base: str) -> Side:
+    """Another hatrack checkout as the reference, at the first --quantize mode."""
+    commit = subprocess.run(["git", "-C", str(args.against), "log", "-1", "--format=%h"],
+                            capture_output=True, text=True, check=False).stdout.strip() or args.against.name
+    other = {**env, "PYTHONPATH": os.pathsep.join(filter(None, [str(args.against), os.environ.get("PYTHONPATH")]))}
+    side = hatrack_side(args.quantize[0], other, base, max(args.concurrency))
+    side.label = f"hatrack at {commit}"
+    return side
+
+
 def hatrack_side(quantize: str, env: dict[str, str], base: str, top: int) -> Side:
     argv = [sys.executable, "-m", "hatrack.cli.main", "serve", "--base", base, "--port", "0",
             "--quantize", quantize, "--device", "cpu", "--no-auth", "--log-level", "warning",
@@ -200,7 +214,8 @@ def _ratio(rounds_a: list[dict], rounds_b: list[dict], get) -> float:
 def summarize(results: dict[str, list[dict]], concurrency: list[int]) -> dict:
     top = max(concurrency)
     summary: dict = {}
-    vllm = results["vLLM"]
+    reference = next(iter(results))  # vLLM, or the --against checkout
+    vllm = results[reference]
     for label, rounds in results.items():
         s: dict = {"cold_start_s": _median(r["cold_start_s"] for r in rounds),
                    "ttft_p50_c1_s": _median(r["cases"]["ttft_c1"]["ttft_p50_s"] for r in rounds)}
@@ -212,7 +227,7 @@ def summarize(results: dict[str, list[dict]], concurrency: list[int]) -> dict:
                                                     / r["cases"][f"base_c{conc}"]["tok_s"] for r in rounds)
         s[f"ttft_c{top}_over_c1"] = _median(r["cases"][f"base_c{top}"]["ttft_p50_s"]
                                             / r["cases"]["ttft_c1"]["ttft_p50_s"] for r in rounds)
-        if label != "vLLM":
+        if label != reference:
             for conc in concurrency:
                 for case in ("base", "mixed"):
                     s[f"{case}_c{conc}_over_vllm"] = _ratio(
@@ -226,7 +241,7 @@ def table(summary: dict, concurrency: list[int]) -> list[str]:
     labels = list(summary)
     hatracks = labels[1:]
     top = max(concurrency)
-    head = "| | " + " | ".join(labels) + "".join(f" | {h} / vLLM" for h in hatracks) + " |"
+    head = "| | " + " | ".join(labels) + "".join(f" | {h} / {labels[0]}" for h in hatracks) + " |"
     lines = [head, "|---" * (1 + len(labels) + len(hatracks)) + "|"]
 
     def row(name: str, key: str, fmt: str, ratio_key: str | None) -> None:
@@ -273,6 +288,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--vllm-kv-gb", type=float, default=4, help="VLLM_CPU_KVCACHE_SPACE in GiB")
     parser.add_argument("--vllm-env", action="append", default=[], metavar="KEY=VALUE",
                         help="extra environment for vLLM, repeatable (e.g. VLLM_CPU_OMP_THREADS_BIND=0-1)")
+    parser.add_argument("--against", type=Path, default=None, metavar="DIR",
+                        help="measure against the hatrack checkout in DIR instead of vLLM")
     parser.add_argument("--json-out", type=Path, default=None, help="write raw numbers here")
     parser.add_argument("--out", type=Path, default=None, help="write the markdown here too")
     args = parser.parse_args()
@@ -287,7 +304,11 @@ def parse_args() -> argparse.Namespace:
     if any("=" not in item for item in args.vllm_env):
         parser.error("--vllm-env expects KEY=VALUE")
     args.vllm_venv = args.vllm_venv.resolve()
-    if not (args.vllm_venv / "bin" / "python").exists():
+    if args.against is not None:
+        args.against = args.against.resolve()
+        if not (args.against / "hatrack" / "__init__.py").exists():
+            parser.error(f"--against {args.against}: not a hatrack checkout")
+    elif not (args.vllm_venv / "bin" / "python").exists():
         parser.error(f"--vllm-venv {args.vllm_venv}: no bin/python (build it with scripts/vllm-venv.sh)")
     return args
 
@@ -312,7 +333,10 @@ def main() -> None:
     for name, folder in zip(adapters, make_adapters(Path(base.path), home / "src", N_ADAPTERS)):
         registry.register(folder, name=name, base=base.name)
 
-    vllm, command = vllm_side(args, env, base.name)
+    if args.against is not None:
+        vllm, command = against_side(args, env, base.name), None
+    else:
+        vllm, command = vllm_side(args, env, base.name)
     sides = [vllm, *(hatrack_side(q, env, base.name, max(args.concurrency)) for q in args.quantize)]
     results: dict[str, list[dict]] = {s.label: [] for s in sides}
     meta = {"date": started.isoformat(), "cpu": cpu_name(), "cores": os.cpu_count(), "args": vars(args),
@@ -331,12 +355,13 @@ def main() -> None:
     summary = summarize(results, args.concurrency)
     argv = " ".join(sys.argv[1:])
     lines = [
-        f"vLLM vs hatrack serve — {started:%Y-%m-%d %H:%M} UTC — {cpu_name()}, {os.cpu_count()} cores — "
+        f"{vllm.label} vs hatrack serve — {started:%Y-%m-%d %H:%M} UTC — {cpu_name()}, {os.cpu_count()} cores — "
         f"`python bench/side_by_side.py {argv}`",
         "",
         f"Base {base.name}; {N_ADAPTERS} random rank-16 all-linear adapters; streamed greedy chat requests of "
-        f"at most {args.max_tokens} new tokens, {args.requests} per case; vLLM --dtype {args.vllm_dtype}, base "
-        f"requests to {vllm.base_model!r}; medians of {args.rounds} round(s), each starting vLLM then "
+        f"at most {args.max_tokens} new tokens, {args.requests} per case; "
+        + (f"vLLM --dtype {args.vllm_dtype}, base requests to {vllm.base_model!r}; " if command else "")
+        + f"medians of {args.rounds} round(s), each starting {vllm.label} then "
         f"{', '.join(s.label for s in sides[1:])}, one server at a time; ratios: medians of per-round ratios.",
         "",
         *table(summary, args.concurrency),

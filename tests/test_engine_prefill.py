@@ -133,8 +133,7 @@ def test_a_cached_prefix_is_reused_by_its_own_adapter_only(tiny, adapters, engin
 
 
 def test_the_prefix_cache_stays_within_its_budget(tiny, engine_factory, vocab):
-    engine = engine_factory(prefix_cache_bytes=10**8)
-    budget = 2 * PREFILL_CHUNK * engine.kv.position_bytes  # room for two one-chunk prefixes
+    budget = 2 * PREFILL_CHUNK * engine_factory().kv.position_bytes  # room for two one-chunk prefixes
     engine = engine_factory(prefix_cache_bytes=budget)
     engine.start()
     for i in range(4):

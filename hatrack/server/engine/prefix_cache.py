@@ -130,19 +130,29 @@ class PrefixCache:
             k=[cache[row, :, :length].clone() for cache in self.kv.k],
             v=[cache[row, :, :length].clone() for cache in self.kv.v],
         )
+        shadowed = set()
         for h in hashes:
             entry.keys.append((adapter, h))
+            old = self._index.get((adapter, h))
+            if old is not None:
+                shadowed.add(old)
             self._index[(adapter, h)] = entry  # the newest entry answers for each shorter prefix too
         self._entries[id(entry)] = entry
         self.used_bytes += size
         self.stats.stored += 1
+        for old in shadowed:  # a shorter prefix of this one that no key leads to any more
+            if not any(self._index.get(key) is old for key in old.keys):
+                self._drop(old)
 
-    def _evict_oldest(self) -> None:
-        _, entry = self._entries.popitem(last=False)
+    def _drop(self, entry: PrefixEntry) -> None:
+        del self._entries[id(entry)]
         for key in entry.keys:
             if self._index.get(key) is entry:
                 del self._index[key]
         self.used_bytes -= entry.length * self.kv.position_bytes
+
+    def _evict_oldest(self) -> None:
+        self._drop(next(iter(self._entries.values())))
         self.stats.evicted += 1
 
     def clear(self) -> None:
