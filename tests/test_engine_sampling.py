@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from conftest import write_peft_adapter
+from conftest import TEST_DEVICE, write_peft_adapter
 from hatrack.server.engine import AdapterSpec, Engine, InvalidRequestError, SamplingParams, load_peft_adapter
 
 PROMPT_TEXT = "Dear customer, thank you for"
@@ -46,7 +46,7 @@ def tiny(tiny_base_dir):
             if param.dim() == 2:
                 param.copy_(torch.randn(param.shape, generator=gen) * 0.15)
     tok = AutoTokenizer.from_pretrained(tiny_base_dir)
-    return model, tok, tok(PROMPT_TEXT)["input_ids"]
+    return model.to(TEST_DEVICE), tok, tok(PROMPT_TEXT)["input_ids"]
 
 
 @pytest.fixture(scope="module")
@@ -72,13 +72,13 @@ def reference(model, prompt: list[int], steps: int, *, bias=None, rep=1.0, freq=
     ids, out = list(prompt), []
     with torch.no_grad():
         for _ in range(steps):
-            x = model(torch.tensor([ids])).logits[0, -1].float().clone()
+            x = model(torch.tensor([ids], device=model.device)).logits[0, -1].float().clone()
             for token, value in (bias or {}).items():
                 x[token] += value
-            counts = torch.bincount(torch.tensor(out, dtype=torch.long), minlength=x.numel()).float() \
+            counts = torch.bincount(torch.tensor(out, dtype=torch.long, device=x.device), minlength=x.numel()).float() \
                 if out else torch.zeros_like(x)
             seen = torch.zeros_like(x, dtype=torch.bool)
-            seen[torch.tensor(prompt)] = True
+            seen[torch.tensor(prompt, device=x.device)] = True
             seen |= counts > 0
             x = torch.where(seen, torch.where(x > 0, x / rep, x * rep), x)
             x = x - freq * counts - pres * (counts > 0).float()
@@ -133,7 +133,7 @@ def test_logprobs_are_the_model_log_softmax(tiny, engine):
     handle = engine.submit(prompt, None, SamplingParams(max_tokens=6, temperature=0, logprobs=5))
     events = list(_events(handle))
     with torch.no_grad():
-        want = torch.log_softmax(model(torch.tensor([prompt])).logits[0, -1].float(), -1)
+        want = torch.log_softmax(model(torch.tensor([prompt], device=model.device)).logits[0, -1].float(), -1)
     first = events[0]
     assert first.logprob == pytest.approx(float(want.max()), abs=1e-4)
     for event in events:
