@@ -6,6 +6,7 @@ answer does not depend on what else shares its batch."""
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -216,3 +217,26 @@ def test_out_of_range_knobs_are_refused(tiny, engine):
             engine.submit_choices(prompt, None, params)
     with pytest.raises(InvalidRequestError, match="submit_choices"):
         engine.submit(prompt, None, SamplingParams(n=2))
+
+
+@pytest.mark.skipif(not TEST_DEVICE.startswith("cuda"),
+                    reason="host syncs are a CUDA matter (HATRACK_TEST_DEVICE=cuda runs this)")
+def test_a_step_of_greedy_and_sampled_rows_waits_for_the_device_once():
+    from hatrack.server.engine.sampling import RowSampler, pick_tokens
+
+    vocab = 1000
+    logits = torch.randn(6, vocab, device=TEST_DEVICE)
+    knobs = [(0.0, 1.0), (0.8, 1.0), (1.0, 0.9), (0.0, 1.0), (0.7, 0.5), (0.0, 1.0)]
+    rows = [RowSampler.build(SamplingParams(max_tokens=1, temperature=t, top_p=p, seed=3), [1, 2], vocab,
+                             logits.device) for t, p in knobs]
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            tokens, _ = pick_tokens(logits, rows)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs) == 1, syncs
+    assert [tokens[i] for i in (0, 3, 5)] == logits[[0, 3, 5]].argmax(-1).tolist()
