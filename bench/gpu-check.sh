@@ -142,7 +142,7 @@ run_tests() {  # name cap files...
     "$PY" -m pytest -q -p no:cacheprovider "${QUICK_ARGS[@]}" "$@" >"$LOGS/$name.log" 2>&1
   local rc=$?
   local summary
-  summary="$(grep -E '^(=+ )?[0-9]+ (passed|failed|error|skipped|deselected)' "$LOGS/$name.log" | tail -1 | sed 's/=//g; s/^ *//; s/ *$//; s/ in [0-9.]*s.*//')"
+  summary="$(grep -E '^(=+ )?[0-9]+ (passed|failed|error|skipped|deselected)' "$LOGS/$name.log" | tail -1 | sed 's/=//g; s/^ *//; s/ *$//; s/ in [0-9.]*s.*//; s/, [0-9]* warnings\{0,1\}//')"
   if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then
     row "$name" "TIMED OUT after ${limit} s${summary:+ ($summary)}" $((SECONDS - t0)) "—"
     FAILED=1
