@@ -6,7 +6,7 @@ official openai client, then runs the naive baseline in this process: one reques
 time, a PeftModel holding the 8 adapters and `set_adapter` before each `generate`.
 Same base precision on both sides.
 
-    python bench/serve.py [--quantize nf4] [--concurrency 8 32] [--requests 32] [--out FILE]
+    python bench/serve.py [--quantize nf4] [--device cpu|cuda] [--concurrency 8 32] [--requests 32] [--out FILE]
 
 Prints a markdown table (and writes it to --out).
 """
@@ -70,19 +70,19 @@ def drive(url: str, models: list[str], concurrency: int, total: int) -> dict:
 class NaiveBaseline:
     """The tutorial way: one PeftModel, set_adapter before each request, one at a time."""
 
-    def __init__(self, base_dir: Path, adapters: list[Path], quantize: str) -> None:
+    def __init__(self, base_dir: Path, adapters: list[Path], quantize: str, device: str = "cpu") -> None:
         from peft import PeftModel
 
         from hatrack import basemodel
 
-        model, self.tok = basemodel.load_base(base_dir, quantize=quantize, device="cpu")
+        model, self.tok = basemodel.load_base(base_dir, quantize=quantize, device=device)
         self.peft = PeftModel.from_pretrained(model, adapters[0], adapter_name="a0")
         for i, path in enumerate(adapters[1:], start=1):
             self.peft.load_adapter(path, adapter_name=f"a{i}")
         self.n = len(adapters)
         prompt = self.tok.apply_chat_template([{"role": "user", "content": QUESTION}],
                                               add_generation_prompt=True, tokenize=False)
-        self.ids = self.tok(prompt, return_tensors="pt", add_special_tokens=False)
+        self.ids = self.tok(prompt, return_tensors="pt", add_special_tokens=False).to(model.device)
 
     def run(self, total: int) -> dict:
         import torch
@@ -149,6 +149,16 @@ def cpu_name() -> str:
     return platform.processor()
 
 
+def machine(device: str) -> str:
+    """The machine line of a result: the CPU, and the GPU when the run was on one."""
+    text = f"{platform.machine()} {cpu_name()}, {os.cpu_count()} cores, torch threads default"
+    if device.startswith("cuda"):
+        import torch
+
+        text += f", {torch.cuda.get_device_name(device)} (torch {torch.__version__}, CUDA {torch.version.cuda})"
+    return text
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quantize", default="nf4", choices=["nf4", "none"])
@@ -157,6 +167,7 @@ def main() -> None:
     parser.add_argument("--naive-requests", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3,
                         help="base-only and mixed runs alternate this many times; medians are reported")
+    parser.add_argument("--device", default="cpu", help="where the server and the naive baseline run (cpu, cuda)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
 
@@ -179,8 +190,8 @@ def main() -> None:
 
     rows = []
     ratios: dict[int, tuple[float, float]] = {}
-    naive = NaiveBaseline(Path(base.path), adapters[:8], args.quantize)
-    server = ServerProcess(home, "--quantize", args.quantize, "--device", "cpu", "--max-loaded", "8", "--no-auth",
+    naive = NaiveBaseline(Path(base.path), adapters[:8], args.quantize, args.device)
+    server = ServerProcess(home, "--quantize", args.quantize, "--device", args.device, "--max-loaded", "8", "--no-auth",
                            "--max-batch", "32").start(timeout=600)
     try:
         drive(server.url, names, 8, 8)  # warm-up: loads all 8 adapters
@@ -206,8 +217,7 @@ def main() -> None:
 
     lines = [
         f"Serving benchmark — {date.today()} — `python bench/serve.py --quantize {args.quantize} "
-        f"--repeats {args.repeats}` — "
-        f"{platform.machine()} {cpu_name()}, {os.cpu_count()} cores, torch threads default",
+        f"--device {args.device} --repeats {args.repeats}` — {machine(args.device)}",
         "",
         "| run | output tok/s | p50 latency s | p95 latency s | p50 TTFT s |",
         "|---|---|---|---|---|",

@@ -160,11 +160,12 @@ def best_device() -> str:
 
 def compute_dtype(device: str):
     """bf16 where the hardware does it fast (CUDA with bf16, CPUs with AMX/AVX-512
-    bf16 through oneDNN), else fp16 on CUDA, fp32 on CPU."""
+    bf16 through oneDNN), else fp16 on CUDA, fp32 on CPU. A CUDA card that only
+    emulates bf16 (before Ampere) counts as without: emulated bf16 is slow."""
     import torch
 
     if device.startswith("cuda"):
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
     return torch.bfloat16 if _cpu_has_fast_bf16() else torch.float32
 
 
@@ -174,6 +175,29 @@ def _cpu_has_fast_bf16() -> bool:
     except OSError:
         return False
     return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+_INT8_CAST = "MatMul8bitLt: inputs will be cast from"
+
+
+class _Int8CastFilter:
+    """Drops bitsandbytes' warning that its int8 matmul casts a non-fp16 input to fp16:
+    it is logged on every matmul of every step, and the cast is how that kernel works
+    (load_base logs it once instead)."""
+
+    def filter(self, record) -> bool:
+        return not str(record.msg).startswith(_INT8_CAST)
+
+
+def quiet_int8_cast() -> None:
+    """Install the filter once on bitsandbytes' autograd logger."""
+    import logging
+
+    logger = logging.getLogger("bitsandbytes.autograd._functions")
+    if not any(isinstance(f, _Int8CastFilter) for f in logger.filters):
+        logger.addFilter(_Int8CastFilter())
+        logging.getLogger("hatrack").info(
+            "int8 base: bitsandbytes casts each int8 matmul's input to fp16 (its kernel's own precision)")
 
 
 def load_base(
@@ -207,6 +231,7 @@ def load_base(
 
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
         kwargs["device_map"] = {"": device}
+        quiet_int8_cast()
     elif quantize != "none":
         raise BaseModelError(f"unknown quantization {quantize!r}: expected nf4, int8 or none")
     tokenizer = AutoTokenizer.from_pretrained(folder)

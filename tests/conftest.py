@@ -19,6 +19,21 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("HATRACK_TEST_CACHE", REPO / ".test-cache"))
+# Where the engine and server tests run the model: cpu, or what HATRACK_TEST_DEVICE
+# names (bench/gpu-check.sh runs them with cuda). tests/serving.py's ServerProcess
+# serves on it; the engine tests' model fixtures are moved to it.
+TEST_DEVICE = os.environ.get("HATRACK_TEST_DEVICE", "cpu")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _test_device_exists() -> None:
+    """A device asked for but absent fails every test, rather than testing the CPU."""
+    if TEST_DEVICE == "cpu":
+        return
+    import torch
+
+    if TEST_DEVICE.startswith("cuda") and not torch.cuda.is_available():
+        pytest.fail(f"HATRACK_TEST_DEVICE={TEST_DEVICE}, but torch {torch.__version__} sees no CUDA device")
 
 
 def default_base(cache: Path = CACHE) -> Path:

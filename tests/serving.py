@@ -36,11 +36,25 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def on_test_device(args: list[str]) -> list[str]:
+    """`hatrack serve` arguments with --device set to the tests' device when
+    HATRACK_TEST_DEVICE names one (conftest.TEST_DEVICE); unchanged otherwise."""
+    device = os.environ.get("HATRACK_TEST_DEVICE")
+    if not device:
+        return args
+    args = list(args)
+    if "--device" in args:
+        args[args.index("--device") + 1] = device
+    else:
+        args += ["--device", device]
+    return args
+
+
 class ServerProcess:
     def __init__(self, home: Path, *args: str, env: dict[str, str] | None = None) -> None:
         self.home = home
         self.port = free_port()
-        self.args = list(args)
+        self.args = on_test_device(list(args))
         self.env = {**os.environ, "HATRACK_HOME": str(home), **(env or {})}
         self.env.pop("HATRACK_DB_URL", None) if "HATRACK_DB_URL" not in (env or {}) else None
         self.log = home / f"serve-{self.port}.log"

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import write_peft_adapter
+from conftest import TEST_DEVICE, write_peft_adapter
 from hatrack.errors import HatrackError
 from hatrack.server.engine import (
     AdapterSpec,
@@ -36,7 +36,7 @@ def _load_tiny(folder: Path):
         for name, param in model.named_parameters():
             if param.dim() == 2:
                 param.copy_(torch.randn(param.shape, generator=gen) * 0.15)
-    return model
+    return model.to(TEST_DEVICE)
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +89,7 @@ def test_base_greedy_matches_hf_generate(tiny, engine_factory):
     for text in PROMPTS[:2]:
         prompt = ids(tok, text)
         with torch.no_grad():
-            want = model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, pad_token_id=tok.eos_token_id)
+            want = model.generate(torch.tensor([prompt], device=model.device), max_new_tokens=12, do_sample=False, pad_token_id=tok.eos_token_id)
         assert alone(engine, prompt, None) == want[0, len(prompt):].tolist()
 
 
@@ -105,7 +105,7 @@ def test_adapter_greedy_matches_peft(tiny_base_dir, tiny, adapters, engine_facto
         peft_model = PeftModel.from_pretrained(_load_tiny(tiny_base_dir), adapters[name]).eval()
         with torch.no_grad():
             want = peft_model.generate(
-                input_ids=torch.tensor([prompt]), max_new_tokens=12, do_sample=False, pad_token_id=tok.eos_token_id
+                input_ids=torch.tensor([prompt], device=TEST_DEVICE), max_new_tokens=12, do_sample=False, pad_token_id=tok.eos_token_id
             )[0, len(prompt):].tolist()
         got = alone(engine, prompt, spec(adapters[name]))
         assert got == want, name

@@ -10,6 +10,7 @@ import jsonschema
 import pytest
 import torch
 
+from conftest import TEST_DEVICE
 from hatrack.chat_format import end_of_turn_ids
 from hatrack.server.engine import Engine, SamplingParams
 from hatrack.server.engine.constraints import GrammarCompiler, GrammarError
@@ -24,7 +25,7 @@ PROMPTS = ["The weather in Paris is", "def fibonacci(n):", "Dear customer, thank
 def tiny(tiny_base_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_base_dir, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(tiny_base_dir, dtype=torch.float32).eval().to(TEST_DEVICE)
     return model, AutoTokenizer.from_pretrained(tiny_base_dir)
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import write_peft_adapter
+from conftest import TEST_DEVICE, write_peft_adapter
 from hatrack.server.engine import AdapterSpec, Engine, SamplingParams, load_peft_adapter
 
 pytestmark = pytest.mark.integration
@@ -15,7 +15,7 @@ pytestmark = pytest.mark.integration
 def test_mixed_batch_on_nf4_base_equals_each_alone(default_base_dir, tmp_path):
     from hatrack import basemodel
 
-    model, tokenizer = basemodel.load_base(default_base_dir, "nf4", "cpu", torch.bfloat16)
+    model, tokenizer = basemodel.load_base(default_base_dir, "nf4", TEST_DEVICE, torch.bfloat16)
     folders = [
         write_peft_adapter(default_base_dir, tmp_path / f"a{i}", rank=8, seed=i, scale=0.03) for i in (1, 2)
     ]

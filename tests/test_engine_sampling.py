@@ -6,11 +6,12 @@ answer does not depend on what else shares its batch."""
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
 
-from conftest import write_peft_adapter
+from conftest import TEST_DEVICE, write_peft_adapter
 from hatrack.server.engine import AdapterSpec, Engine, InvalidRequestError, SamplingParams, load_peft_adapter
 
 PROMPT_TEXT = "Dear customer, thank you for"
@@ -46,7 +47,7 @@ def tiny(tiny_base_dir):
             if param.dim() == 2:
                 param.copy_(torch.randn(param.shape, generator=gen) * 0.15)
     tok = AutoTokenizer.from_pretrained(tiny_base_dir)
-    return model, tok, tok(PROMPT_TEXT)["input_ids"]
+    return model.to(TEST_DEVICE), tok, tok(PROMPT_TEXT)["input_ids"]
 
 
 @pytest.fixture(scope="module")
@@ -72,13 +73,13 @@ def reference(model, prompt: list[int], steps: int, *, bias=None, rep=1.0, freq=
     ids, out = list(prompt), []
     with torch.no_grad():
         for _ in range(steps):
-            x = model(torch.tensor([ids])).logits[0, -1].float().clone()
+            x = model(torch.tensor([ids], device=model.device)).logits[0, -1].float().clone()
             for token, value in (bias or {}).items():
                 x[token] += value
-            counts = torch.bincount(torch.tensor(out, dtype=torch.long), minlength=x.numel()).float() \
+            counts = torch.bincount(torch.tensor(out, dtype=torch.long, device=x.device), minlength=x.numel()).float() \
                 if out else torch.zeros_like(x)
             seen = torch.zeros_like(x, dtype=torch.bool)
-            seen[torch.tensor(prompt)] = True
+            seen[torch.tensor(prompt, device=x.device)] = True
             seen |= counts > 0
             x = torch.where(seen, torch.where(x > 0, x / rep, x * rep), x)
             x = x - freq * counts - pres * (counts > 0).float()
@@ -133,7 +134,7 @@ def test_logprobs_are_the_model_log_softmax(tiny, engine):
     handle = engine.submit(prompt, None, SamplingParams(max_tokens=6, temperature=0, logprobs=5))
     events = list(_events(handle))
     with torch.no_grad():
-        want = torch.log_softmax(model(torch.tensor([prompt])).logits[0, -1].float(), -1)
+        want = torch.log_softmax(model(torch.tensor([prompt], device=model.device)).logits[0, -1].float(), -1)
     first = events[0]
     assert first.logprob == pytest.approx(float(want.max()), abs=1e-4)
     for event in events:
@@ -216,3 +217,26 @@ def test_out_of_range_knobs_are_refused(tiny, engine):
             engine.submit_choices(prompt, None, params)
     with pytest.raises(InvalidRequestError, match="submit_choices"):
         engine.submit(prompt, None, SamplingParams(n=2))
+
+
+@pytest.mark.skipif(not TEST_DEVICE.startswith("cuda"),
+                    reason="host syncs are a CUDA matter (HATRACK_TEST_DEVICE=cuda runs this)")
+def test_a_step_of_greedy_and_sampled_rows_waits_for_the_device_once():
+    from hatrack.server.engine.sampling import RowSampler, pick_tokens
+
+    vocab = 1000
+    logits = torch.randn(6, vocab, device=TEST_DEVICE)
+    knobs = [(0.0, 1.0), (0.8, 1.0), (1.0, 0.9), (0.0, 1.0), (0.7, 0.5), (0.0, 1.0)]
+    rows = [RowSampler.build(SamplingParams(max_tokens=1, temperature=t, top_p=p, seed=3), [1, 2], vocab,
+                             logits.device) for t, p in knobs]
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            tokens, _ = pick_tokens(logits, rows)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs) == 1, syncs
+    assert [tokens[i] for i in (0, 3, 5)] == logits[[0, 3, 5]].argmax(-1).tolist()

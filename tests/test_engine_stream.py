@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from conftest import write_peft_adapter
+from conftest import TEST_DEVICE, write_peft_adapter
 from hatrack.server.engine import AdapterFormatError, Engine, SamplingParams, load_peft_adapter
 
 
@@ -16,7 +16,7 @@ from hatrack.server.engine import AdapterFormatError, Engine, SamplingParams, lo
 def engine(tiny_base_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_base_dir, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(tiny_base_dir, dtype=torch.float32).eval().to(TEST_DEVICE)
     engine = Engine(model, AutoTokenizer.from_pretrained(tiny_base_dir), max_batch=4)
     engine.start()
     yield engine

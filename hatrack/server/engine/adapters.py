@@ -1,5 +1,6 @@
 """The tiered adapter cache: device slots (bounded, LRU, pinned while in use), host
-memory (bounded, LRU), and disk through each spec's `load`, run on loader threads with
+memory (bounded, LRU; each adapter staged in the slots' layout, in pinned memory on
+CUDA), and disk through each spec's `load`, run on loader threads with
 one load per key however many requests want it."""
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Callable
 
 from hatrack.server.engine.errors import AdapterFormatError, memory_error
 from hatrack.server.engine.lora import LoraWeights
-from hatrack.server.engine.slots import SlotBank
+from hatrack.server.engine.slots import SlotBank, StagedAdapter
 from hatrack.server.engine.types import AdapterSpec
 
 
@@ -25,7 +26,7 @@ class AdapterCache:
         self.max_host = max(1, max_host)
         self._on_ready = on_ready
         self._lock = threading.Lock()
-        self._host: OrderedDict[str, LoraWeights] = OrderedDict()
+        self._host: OrderedDict[str, StagedAdapter] = OrderedDict()
         self._loading: dict[str, Future] = {}
         self._failed: dict[str, BaseException] = {}
         self._wanted: dict[str, int] = {}  # requests waiting for each key
@@ -85,6 +86,7 @@ class AdapterCache:
             if not isinstance(weights, LoraWeights):
                 raise AdapterFormatError(f"adapter {spec.key}: load returned {type(weights).__name__}, not LoraWeights")
             self.bank.check(weights, spec.key)
+            staged = self.bank.stage(weights)  # the slot's layout, made here rather than on the engine thread
         except Exception as exc:  # delivered to the requests that wanted this adapter
             with self._lock:
                 self._loading.pop(spec.key, None)
@@ -92,7 +94,7 @@ class AdapterCache:
         else:
             with self._lock:
                 self._loading.pop(spec.key, None)
-                self._host[spec.key] = weights
+                self._host[spec.key] = staged
                 self._host.move_to_end(spec.key)
                 self._trim_host()
                 self.load_seconds.append(time.perf_counter() - started)

@@ -122,9 +122,11 @@ class RowSampler:
 
 
 def sample_one(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator,
-               top_k: int = 0, min_p: float = 0.0) -> int:
+               top_k: int = 0, min_p: float = 0.0) -> torch.Tensor:
+    """The row's token as a 0-dim tensor on the logits' device: no host sync here, the
+    caller reads every row's token back at once."""
     if temperature < MIN_TEMPERATURE:
-        return int(logits.argmax().item())
+        return logits.argmax()
     probs = torch.softmax(logits.float() / temperature, dim=-1)
     top_p = max(top_p, MIN_TOP_P)
     if top_p < 1.0 or top_k > 0 or min_p > 0:
@@ -136,8 +138,8 @@ def sample_one(logits: torch.Tensor, temperature: float, top_p: float, generator
         if min_p > 0:
             keep &= sorted_probs >= min_p * sorted_probs[0]
         choice = torch.multinomial(sorted_probs * keep, 1, generator=generator)
-        return int(order[choice].item())
-    return int(torch.multinomial(probs, 1, generator=generator).item())
+        return order[choice][0]
+    return torch.multinomial(probs, 1, generator=generator)[0]
 
 
 def _process(x: torch.Tensor, rows: list[RowSampler]) -> torch.Tensor:
@@ -174,11 +176,12 @@ def _process(x: torch.Tensor, rows: list[RowSampler]) -> torch.Tensor:
     return x
 
 
-def _logprobs(logits: torch.Tensor, rows: list[int], tokens: list[int],
+def _logprobs(logits: torch.Tensor, rows: list[int], tokens: torch.Tensor,
               ks: list[int]) -> list[TokenLogprobs]:
+    """tokens: every row's picked token, on the logits' device."""
     lp = torch.log_softmax(logits[rows].float(), dim=-1)
-    chosen = lp[torch.arange(len(rows), device=lp.device), torch.tensor([tokens[i] for i in rows],
-                                                                          device=lp.device)].tolist()
+    index = torch.tensor(rows, device=lp.device)
+    chosen = lp.gather(1, tokens[index][:, None])[:, 0].tolist()
     k = max(ks)
     if k:
         values, ids = lp.topk(k, dim=-1)
@@ -192,18 +195,21 @@ def _logprobs(logits: torch.Tensor, rows: list[int], tokens: list[int],
 
 def pick_tokens(logits: torch.Tensor, rows: list[RowSampler]) -> tuple[list[int], list[TokenLogprobs | None]]:
     """Next token per row of logits [rows, vocab], and the logprobs of the rows that
-    asked for them. Plain rows: one argmax for all, then the sampled ones one by one."""
-    tokens = logits.argmax(dim=-1).tolist()
+    asked for them. Every row's token is picked on the logits' device (one argmax for
+    the plain greedy rows, a draw per sampled row with its own generator) and read back
+    in one transfer: on CUDA a step waits for the device once, not once per row."""
+    tokens = logits.argmax(dim=-1)
     knob = [i for i, row in enumerate(rows) if row.knobs]
     if knob:
         index = torch.tensor(knob, device=logits.device)
         x = _process(logits[index].float(), [rows[i] for i in knob])
-        greedy = x.argmax(dim=-1).tolist()
+        picked = x.argmax(dim=-1)
         for j, i in enumerate(knob):
             row = rows[i]
-            p = row.params
-            tokens[i] = greedy[j] if row.generator is None else \
-                sample_one(x[j], p.temperature, p.top_p, row.generator, p.top_k, p.min_p)
+            if row.generator is not None:
+                p = row.params
+                picked[j] = sample_one(x[j], p.temperature, p.top_p, row.generator, p.top_k, p.min_p)
+        tokens[index] = picked
     for i, row in enumerate(rows):
         if row.generator is not None and not row.knobs:
             tokens[i] = sample_one(logits[i], row.params.temperature, row.params.top_p, row.generator)
@@ -212,4 +218,4 @@ def pick_tokens(logits: torch.Tensor, rows: list[RowSampler]) -> tuple[list[int]
     if want:
         for i, got in zip(want, _logprobs(logits, want, tokens, [rows[i].params.logprobs for i in want])):
             logprobs[i] = got
-    return tokens, logprobs
+    return tokens.tolist(), logprobs

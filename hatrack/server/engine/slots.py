@@ -24,6 +24,7 @@ in fp32 than in bf16, and the term is added to the base output in the model's dt
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -48,6 +49,34 @@ def lora_dtype_for(device: torch.device, model_dtype: torch.dtype, cpu_kernel: b
     if device.type != "cpu":
         return model_dtype
     return model_dtype if cpu_kernel and model_dtype in (torch.float32, torch.bfloat16) else torch.float32
+
+
+@dataclass(frozen=True)
+class _Part:
+    """Where one module's A^T [in, r] and scaled B^T [r, out] lie in a StagedAdapter's buffer."""
+
+    layer: int
+    group: str
+    suffix: str
+    j: int  # the module's place in its group
+    r: int
+    a_at: int
+    b_at: int
+    in_dim: int
+    out_dim: int
+
+
+@dataclass
+class StagedAdapter:
+    """An adapter as a slot holds it, in one host buffer: every module's A transposed and
+    its B transposed with the scaling folded in, in the bank's dtype. Made on a loader
+    thread, so swapping it in on the engine thread is one copy to the device (pinned
+    memory and non-blocking on CUDA) and copies within the device."""
+
+    rank: int
+    groups: frozenset[str]
+    buffer: torch.Tensor  # flat, bank dtype, pinned when the bank is on CUDA
+    parts: tuple[_Part, ...]
 
 
 class SlotBank:
@@ -96,9 +125,35 @@ class SlotBank:
             if a.shape[0] > self.max_rank:
                 raise AdapterFormatError(f"adapter {name}: module {module!r} rank {a.shape[0]} exceeds max_rank {self.max_rank}")
 
-    def write(self, slot: int, weights: LoraWeights) -> None:
-        """Copy an adapter (already checked) into `slot`, replacing what was there."""
+    def stage(self, weights: LoraWeights) -> StagedAdapter:
+        """The adapter (already checked) laid out for `write`: the casts, transposes and
+        scaling are done here, off the engine thread, with the values a direct copy
+        would give (float32 arithmetic, then one rounding to the bank's dtype)."""
+        parts, pieces, at = [], [], 0
+        for module, (a, b) in weights.modules.items():
+            match = _MODULE.match(module)
+            layer, suffix = int(match[1]), match[2]
+            group = _GROUP_OF[suffix]
+            a_t = a.to(torch.float32).t().to(self.dtype).reshape(-1)
+            b_t = (b.to(torch.float32).t() * weights.scaling).to(self.dtype).reshape(-1)
+            r = a.shape[0]
+            parts.append(_Part(layer, group, suffix, SUFFIXES[group].index(suffix), r, at, at + a_t.numel(),
+                               a.shape[1], b.shape[0]))
+            pieces += [a_t, b_t]
+            at += a_t.numel() + b_t.numel()
+        buffer = torch.cat(pieces) if pieces else torch.zeros(0, dtype=self.dtype)
+        if self.device.type == "cuda":
+            try:
+                buffer = buffer.pin_memory()
+            except RuntimeError:  # no page-locked memory left: the copy in blocks, but works
+                pass
+        return StagedAdapter(weights.rank, frozenset(p.group for p in parts), buffer, tuple(parts))
+
+    def write(self, slot: int, weights: LoraWeights | StagedAdapter) -> None:
+        """Copy an adapter (already checked; staged or not) into `slot`, replacing what was there."""
         assert 1 <= slot <= self.n_slots
+        if isinstance(weights, LoraWeights):
+            weights = self.stage(weights)
         if weights.rank > self.rank:
             self._grow(weights.rank)
         try:
@@ -109,23 +164,21 @@ class SlotBank:
             self.version[slot] += 1
             raise
 
-    def _copy_in(self, slot: int, weights: LoraWeights) -> None:
+    def _copy_in(self, slot: int, staged: StagedAdapter) -> None:
         for group, suffixes in GROUPS:
             self.A[group][:, slot].zero_()
             for suffix in suffixes:
                 self.B[suffix][:, slot].zero_()
-        groups = set()
+        # one host-to-device copy; from pinned memory it does not block the engine thread,
+        # and the copies below queue behind it on the same stream
+        buffer = staged.buffer.to(self.device, non_blocking=True)
         rank = self.rank
-        for module, (a, b) in weights.modules.items():
-            match = _MODULE.match(module)
-            layer, suffix = int(match[1]), match[2]
-            group = _GROUP_OF[suffix]
-            j = SUFFIXES[group].index(suffix)
-            r = a.shape[0]
-            self.A[group][layer, slot, :, j * rank : j * rank + r].copy_(a.to(torch.float32).t())
-            self.B[suffix][layer, slot, :r].copy_(b.to(torch.float32).t() * weights.scaling)
-            groups.add(group)
-        self.slot_groups[slot] = frozenset(groups)
+        for p in staged.parts:
+            a_t = buffer[p.a_at : p.a_at + p.in_dim * p.r].view(p.in_dim, p.r)
+            b_t = buffer[p.b_at : p.b_at + p.r * p.out_dim].view(p.r, p.out_dim)
+            self.A[p.group][p.layer, slot, :, p.j * rank : p.j * rank + p.r].copy_(a_t)
+            self.B[p.suffix][p.layer, slot, : p.r].copy_(b_t)
+        self.slot_groups[slot] = staged.groups
         self.version[slot] += 1
 
     def _grow(self, rank: int) -> None:
