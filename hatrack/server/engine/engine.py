@@ -39,7 +39,7 @@ log = logging.getLogger("hatrack.engine")
 
 PREFILL_TOKEN_BUDGET = 2048  # prompt tokens prefilled per iteration before decoding again
 # prompt tokens per prefill forward: on CPU a forward of ~256 tokens is about as efficient
-# per token as one of thousands (measured: 32 prompts of 40 tokens in 4 forwards took 1.08x
+# per token as one of thousands (measured: 32 prompts of 40 tokens in 4 forwards took 1.1-1.2x
 # the time of one forward), and its prompts get their first token a forward sooner
 PREFILL_FORWARD_TOKENS = 2 * PREFILL_CHUNK
 DEFAULT_PREFIX_CACHE_BYTES = 10**9  # at most; and at most a quarter of the KV cache budget
