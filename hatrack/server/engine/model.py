@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from hatrack.server.engine.errors import EngineError
+from hatrack.server.engine.int8_rows import make_rows_independent
 from hatrack.server.engine.kv_cache import WINDOW_STEP, KVCache, KVShape
 from hatrack.server.engine.slots import LoraRows, SlotBank
 
@@ -93,6 +94,8 @@ class LlamaRunner:
         self._cols = torch.arange(self.kv.max_capacity, device=self.device)
         self._q_norm = [getattr(layer.self_attn, "q_norm", None) for layer in self.layers]
         self._k_norm = [getattr(layer.self_attn, "k_norm", None) for layer in self.layers]
+        # an int8 base picks its outlier columns per row, not per batch (int8_rows.py)
+        make_rows_independent(self.layers)
 
     # ------------------------------------------------------------ forward
 
