@@ -116,3 +116,20 @@ def test_int8_projection_row_ignores_its_neighbours_outliers(loaded):
         batch = proj(x)
         for row in range(3):
             assert torch.equal(proj(x[row : row + 1])[0], batch[row]), row
+
+
+@pytest.mark.parametrize("mode", ["fp32", "bf16"])
+def test_dense_projection_row_ignores_the_batch_size(loaded, mode):
+    """After the engine prepared the base, a row of a dense projection (a layer's and the
+    LM head) gives the same bits alone as in a product of any number of rows (a BLAS picks
+    its kernel by the row count; with MKL on AVX2, 1-3 rows differ from 4 or more)."""
+    model, tok = loaded(mode)
+    Engine(model, tok, max_batch=12)  # prepares the projections; never started
+    gen = torch.Generator().manual_seed(6)
+    for proj in (model.model.layers[1].self_attn.q_proj, model.lm_head):
+        x = torch.randn(12, proj.in_features, generator=gen).to(MODES[mode][1])
+        with torch.no_grad():
+            alone = [proj(x[row : row + 1])[0] for row in range(12)]
+            for m in range(2, 13):
+                batch = proj(x[:m])
+                assert all(torch.equal(batch[row], alone[row]) for row in range(m)), m

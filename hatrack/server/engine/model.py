@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from hatrack.server.engine.dense_rows import pad_rows
 from hatrack.server.engine.errors import EngineError
 from hatrack.server.engine.int8_rows import make_rows_independent
 from hatrack.server.engine.kv_cache import WINDOW_STEP, KVCache, KVShape
@@ -94,8 +95,10 @@ class LlamaRunner:
         self._cols = torch.arange(self.kv.max_capacity, device=self.device)
         self._q_norm = [getattr(layer.self_attn, "q_norm", None) for layer in self.layers]
         self._k_norm = [getattr(layer.self_attn, "k_norm", None) for layer in self.layers]
-        # an int8 base picks its outlier columns per row, not per batch (int8_rows.py)
+        # a row's projections give the same bits whatever rows share the call: an int8
+        # base picks outlier columns per row (int8_rows.py), dense ones pad (dense_rows.py)
         make_rows_independent(self.layers)
+        pad_rows([*self.layers, self.lm_head], max_batch)
 
     # ------------------------------------------------------------ forward
 
