@@ -133,3 +133,29 @@ def test_dense_projection_row_ignores_the_batch_size(loaded, mode):
             for m in range(2, 13):
                 batch = proj(x[:m])
                 assert all(torch.equal(batch[row], alone[row]) for row in range(m)), m
+
+
+@pytest.mark.parametrize("mode", ["fp32", "bf16"])
+def test_decode_attention_row_ignores_batch_and_threads(loaded, mode):
+    """A row's decode attention gives the same bits alone (its own window) as in a batch
+    with a longer window, on two threads (torch's fused fp32 CPU kernel did not)."""
+    model, tok = loaded(mode)
+    runner = Engine(model, tok, max_batch=6).runner  # never started
+    dtype, n, window = MODES[mode][1], 6, 192
+    kv_heads, rep, dim = 3, 3, 64  # the default base's heads (the tiny model's hide it)
+    gen = torch.Generator().manual_seed(7)
+    q = torch.randn(n, kv_heads, rep, dim, generator=gen).to(dtype)
+    k, v = (torch.randn(n, kv_heads, window, dim, generator=gen).to(dtype) for _ in range(2))
+    pos = torch.tensor([3, 70, 150, 9, 63, 191])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        cols = torch.arange(window)
+        batch = runner._attend(q, k, v, (cols[None] <= pos[:, None]).view(n, 1, 1, window))
+        for row in range(n):
+            own = -(-(int(pos[row]) + 1) // 64) * 64
+            mask = (cols[None, :own] <= pos[row]).view(1, 1, 1, own)
+            alone = runner._attend(q[row : row + 1], k[row : row + 1, :, :own], v[row : row + 1, :, :own], mask)
+            assert torch.equal(alone[0], batch[row]), row
+    finally:
+        torch.set_num_threads(threads)
