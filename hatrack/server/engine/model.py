@@ -14,7 +14,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from hatrack.server.engine.dense_rows import pad_rows
 from hatrack.server.engine.errors import EngineError
+from hatrack.server.engine.int8_rows import make_rows_independent
 from hatrack.server.engine.kv_cache import WINDOW_STEP, KVCache, KVShape
 from hatrack.server.engine.slots import LoraRows, SlotBank
 
@@ -93,6 +95,10 @@ class LlamaRunner:
         self._cols = torch.arange(self.kv.max_capacity, device=self.device)
         self._q_norm = [getattr(layer.self_attn, "q_norm", None) for layer in self.layers]
         self._k_norm = [getattr(layer.self_attn, "k_norm", None) for layer in self.layers]
+        # a row's projections give the same bits whatever rows share the call: an int8
+        # base picks outlier columns per row (int8_rows.py), dense ones pad (dense_rows.py)
+        make_rows_independent(self.layers)
+        pad_rows([*self.layers, self.lm_head], max_batch)
 
     # ------------------------------------------------------------ forward
 
@@ -178,6 +184,16 @@ class LlamaRunner:
         last = [b - 1 for s, (_, b) in zip(segments, spans) if s.logits]
         return self.lm_head(self.norm(x[last]))
 
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Decode attention. In fp32, torch's fused CPU kernel gives a row other bits
+        with another batch size or thread split (measured, 2 threads): there the plain
+        product, softmax, product, whose every row is its own batch entry and whose masked
+        positions add exact zeros; faster than the fused kernel at decode sizes too."""
+        if q.dtype != torch.float32:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scaling)
+        scores = torch.matmul(q, k.transpose(-1, -2)) * self.scaling
+        return torch.matmul(torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1), v)
+
     def decode(self, tokens: list[int], positions: list[int], rows: LoraRows, slots: list[int]) -> torch.Tensor:
         """One new token for each of the rows 0..N-1; tokens[r] goes to position
         positions[r] of row r (which kv.grow made room for). Returns logits [N, vocab]."""
@@ -200,13 +216,8 @@ class LlamaRunner:
             v_cache[row_ids, :, pos] = v
             # GQA without copies: the n_rep query heads sharing a KV head become that
             # head's n_rep "query positions" (one token each, so no causal mask needed)
-            o = F.scaled_dot_product_attention(
-                q.view(n, self.n_kv, self.n_rep, self.head_dim),
-                k_cache[:n, :, :length],
-                v_cache[:n, :, :length],
-                attn_mask=mask,
-                scale=self.scaling,
-            )
+            o = self._attend(q.view(n, self.n_kv, self.n_rep, self.head_dim), k_cache[:n, :, :length],
+                             v_cache[:n, :, :length], mask)
             o = o.reshape(n, self.n_heads * self.head_dim)
             x = self._out_and_mlp(layer, i, x, o, lora)
         return self.lm_head(self.norm(x))
