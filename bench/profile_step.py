@@ -10,7 +10,7 @@ round-robin over the 8 adapters. The engine's own functions are wrapped with tim
 - base linear: the q/k/v/o/gate/up/down projections (the base model's modules, called as-is)
 - LM head: the final norm's output through lm_head
 - LoRA: the slot LoRA term of every projection
-- attention: scaled_dot_product_attention
+- attention: scaled_dot_product_attention, and decode's own attention (model._attend)
 - norms: the RMS norms of every layer
 - other model ops: embedding, rotary, KV-cache writes, residual adds, SiLU, views:
   model.decode minus the above
@@ -18,8 +18,8 @@ round-robin over the 8 adapters. The engine's own functions are wrapped with tim
 - engine: the rest of a step (admission checks, accepting tokens, finishing rows, Python)
 
 A separate row gives the machine's ceiling for the same batch: the 30 layers' base linear
-layers alone, timed back to back outside the engine. Prefill is one prompt through
-model.prefill, timed per prompt token.
+layers alone, timed back to back outside the engine. Prefill: the batch's prompts through
+the engine's prefill (several prompts to a forward), timed per prompt token.
 """
 
 from __future__ import annotations
@@ -58,15 +58,18 @@ class Timers:
         self.seconds: dict[str, float] = defaultdict(float)
         self.on = False
         self.phase = ""
+        self._inside: set[str] = set()  # parts being timed now (a part inside itself counts once)
 
     def wrap(self, part: str, fn):
         def timed(*args, **kwargs):
-            if not self.on:
+            if not self.on or part in self._inside:
                 return fn(*args, **kwargs)
             start = time.perf_counter()
+            self._inside.add(part)
             try:
                 return fn(*args, **kwargs)
             finally:
+                self._inside.discard(part)
                 took = time.perf_counter() - start
                 self.seconds[self.phase + part] += took
                 if part == "whole" and "span_start" in self.seconds:  # a prefill between decode steps
@@ -124,6 +127,8 @@ def instrument(engine: Engine, timers: Timers) -> None:
             if hasattr(obj, name):
                 setattr(obj, name, timers.wrap("LoRA", getattr(obj, name)))
     model_module.F = _TimedFunctional(timers)
+    if hasattr(runner, "_attend"):  # decode attention (fp32: plain products and softmax)
+        runner._attend = timers.wrap("attention", runner._attend)
     runner.decode = timers.wrap("model.decode", runner.decode)
     engine_module.pick_tokens = timers.wrap("sampling", engine_module.pick_tokens)
     engine._decode_step = timers.span(timers.wrap("step", engine._decode_step))
