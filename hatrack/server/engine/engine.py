@@ -456,11 +456,13 @@ class Engine:
         segments = [self._segments(seq, end) for seq, end in work]
         try:
             logits = self.runner.prefill([g for group in segments for g in group], self.bank)
-        except Exception:
+        except Exception as exc:
             if len(work) == 1:
-                raise
+                seq = work[0][0]
+                log.exception("prefilling %s failed", seq.handle.request_id)
+                return {seq: memory_error(exc, f"prefilling a prompt of {len(seq.prompt)} tokens")}
             log.warning("a prefill of %d prompts failed; prefilling them one at a time", len(work))
-            return {seq: self._forward_alone(seq, end) for seq, end in work}
+            return {seq: self._forward([(seq, end)])[seq] for seq, end in work}
         out: dict[_Sequence, torch.Tensor | BaseException | None] = {}
         j = 0
         for (seq, end), group in zip(work, segments):
@@ -468,13 +470,6 @@ class Engine:
             if group[-1].logits:
                 out[seq], j = logits[j], j + 1
         return out
-
-    def _forward_alone(self, seq: _Sequence, end: int) -> torch.Tensor | BaseException | None:
-        try:
-            return self._forward([(seq, end)])[seq]
-        except Exception as exc:
-            log.exception("prefilling %s failed", seq.handle.request_id)
-            return memory_error(exc, f"prefilling a prompt of {len(seq.prompt)} tokens")
 
     def _prefill(self, fresh: list[_Sequence], budget: int) -> None:
         """Prefill the fresh requests whole, a few at a time, then the partial one by as
@@ -492,17 +487,15 @@ class Engine:
             result = None
             while partial.length < end and not isinstance(result, BaseException):
                 result = self._run([(partial, min(end, partial.length + PREFILL_FORWARD_TOKENS))])[partial]
-            if result is not None:
+            if isinstance(result, BaseException):
+                self._drop_partial("error", result)
+            elif result is not None:
                 self._partial = None
-                if isinstance(result, BaseException):
-                    self.kv.release(partial.row)
-                    self._finish(partial, "error", result)
-                else:
-                    row = len(self._running)
-                    if partial.row != row:
-                        self.kv.move(partial.row, row, partial.length)
-                        partial.row = row
-                    remove += self._join(partial, result)
+                row = len(self._running)
+                if partial.row != row:
+                    self.kv.move(partial.row, row, partial.length)
+                    partial.row = row
+                remove += self._join(partial, result)
         self._prefill_seconds += time.perf_counter() - started
         if remove:
             self._remove_rows(sorted(set(remove)))
@@ -510,12 +503,7 @@ class Engine:
     def _run(self, work: list[tuple[_Sequence, int]]) -> dict[_Sequence, torch.Tensor | BaseException | None]:
         """One prefill forward (see _forward), its sequences moved on and their
         prompts offered to the prefix cache."""
-        try:
-            results = self._forward(work)
-        except Exception as exc:  # a single prompt's forward failed
-            seq = work[0][0]
-            log.exception("prefilling %s failed", seq.handle.request_id)
-            return {seq: memory_error(exc, f"prefilling a prompt of {len(seq.prompt)} tokens")}
+        results = self._forward(work)
         for seq, end in work:
             if not isinstance(results[seq], BaseException):
                 self._prefill_tokens += end - seq.length
@@ -629,10 +617,11 @@ class Engine:
                 self.kv.release(i)
             self._running.pop()
 
-    def _drop_partial(self, reason: str) -> None:
+    def _drop_partial(self, reason: str, error: BaseException | None = None) -> None:
+        """End the partial prefill (cancelled, failed) and give back its cache row."""
         partial, self._partial = self._partial, None
         self.kv.release(partial.row)
-        self._finish(partial, reason)
+        self._finish(partial, reason, error)
 
     def _unwant(self, seq: _Sequence) -> None:
         if seq.wanting:
