@@ -33,12 +33,11 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from engine import in_thread  # noqa: E402
+from profile_step import PROJECTIONS  # noqa: E402
 from serve import cpu_name, report  # noqa: E402
 
 from hatrack import basemodel  # noqa: E402
 
-PROJECTIONS = (("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", "v_proj"), ("self_attn", "o_proj"),
-               ("mlp", "gate_proj"), ("mlp", "up_proj"), ("mlp", "down_proj"))
 GROUP = 64
 
 
