@@ -208,7 +208,9 @@ def load_base(
 ):
     """Load (model, tokenizer) from a safetensors folder.
 
-    quantize: "none", "nf4" (bitsandbytes 4-bit NF4) or "int8" (bitsandbytes 8-bit).
+    quantize: "none", "nf4" (bitsandbytes 4-bit NF4), "int8" (bitsandbytes 8-bit) or
+    "int8wo" (torch's weight-only int8: loaded dense in fp32, then the decoder projections
+    converted, see hatrack/weight_only_int8.py; it serves and evaluates, it cannot train).
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -232,14 +234,31 @@ def load_base(
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
         kwargs["device_map"] = {"": device}
         quiet_int8_cast()
+    elif quantize == "int8wo":
+        from hatrack import weight_only_int8
+
+        try:
+            weight_only_int8.check_device(device)
+        except weight_only_int8.WeightOnlyInt8Error as err:
+            raise BaseModelError(str(err)) from None
+        # fp32: scales come from the full-precision weights, and what stays dense (embeddings,
+        # norms, LM head, attention) runs as the dense CPU base does; projections cast to bf16
+        kwargs["dtype"] = torch.float32
     elif quantize != "none":
-        raise BaseModelError(f"unknown quantization {quantize!r}: expected nf4, int8 or none")
+        raise BaseModelError(f"unknown quantization {quantize!r}: expected nf4, int8, int8wo or none")
     tokenizer = AutoTokenizer.from_pretrained(folder)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
-    if quantize == "none":
+    if quantize in ("none", "int8wo"):
         model.to(device)
+    if quantize == "int8wo":
+        from hatrack import weight_only_int8
+
+        try:
+            weight_only_int8.convert(model)
+        except weight_only_int8.WeightOnlyInt8Error as err:
+            raise BaseModelError(str(err)) from None
     model.eval()
     torch.set_grad_enabled(True)  # callers decide; loading must not leave it off
     return model, tokenizer

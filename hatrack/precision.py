@@ -6,14 +6,17 @@ adapter at a label none of its scores carry. Torch-free: callers pass dtype name
 
 from __future__ import annotations
 
-QUANTIZE_CHOICES = ("nf4", "int8", "none")
+QUANTIZE_CHOICES = ("nf4", "int8", "int8wo", "none")
+# bases that serve and evaluate but cannot train (no backward through their kernel)
+SERVE_ONLY = ("int8wo",)
 _DENSE = {"bfloat16": "bf16", "float32": "fp32", "float16": "fp16", "bf16": "bf16", "fp32": "fp32", "fp16": "fp16"}
 
 
 def precision_label(quantize: str, dtype: object) -> str:
-    """'nf4' or 'int8' for a bitsandbytes base; the dense dtype ('bf16', 'fp32', 'fp16')
-    for an unquantized one. `dtype` is a torch dtype or its name."""
-    if quantize in ("nf4", "int8"):
+    """'nf4' or 'int8' for a bitsandbytes base, 'int8wo' for torch's weight-only int8
+    (bf16 activations); the dense dtype ('bf16', 'fp32', 'fp16') for an unquantized one.
+    `dtype` is a torch dtype or its name."""
+    if quantize in ("nf4", "int8", "int8wo"):
         return quantize
     if quantize != "none":
         raise ValueError(f"unknown quantization {quantize!r}: expected one of {', '.join(QUANTIZE_CHOICES)}")

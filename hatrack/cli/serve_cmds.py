@@ -29,8 +29,9 @@ def serve(
     host: str = typer.Option("127.0.0.1", help="Address to listen on."),
     port: int = typer.Option(8000, help="Port to listen on."),
     quantize: str = typer.Option(
-        "auto", help="Base weights: auto, nf4 (4-bit), int8 or none. auto: the device's serving "
-                     "default (none on CPU, nf4 on CUDA).",
+        "auto", help="Base weights: auto, nf4 (4-bit), int8 (bitsandbytes), int8wo (CPU weight-only "
+                     "int8: int8 projection weights, bf16 activations) or none. auto: the device's "
+                     "serving default (none on CPU, nf4 on CUDA).",
     ),
     device: str = typer.Option(None, help="cpu or cuda (default: cuda when present)."),
     max_loaded: int = typer.Option(8, help="Adapters kept in device slots (LRU beyond)."),
@@ -79,7 +80,8 @@ def serve(
     from hatrack.server.app import ServeConfig, create_app
 
     if quantize not in ("auto", *QUANTIZE_CHOICES):
-        raise typer.BadParameter("expected auto, nf4, int8 or none", param_hint="--quantize")
+        raise typer.BadParameter(f"expected auto, {', '.join(QUANTIZE_CHOICES)}; got {quantize!r}",
+                                 param_hint="--quantize")
     if kv_cache_gb is not None and not kv_cache_gb > 0:
         raise typer.BadParameter(f"expected a positive number of GB, got {kv_cache_gb}", param_hint="--kv-cache-gb")
     if prefix_cache_gb is not None and not prefix_cache_gb >= 0:

@@ -108,7 +108,7 @@ def eval_cmd(
     ref: str = typer.Argument(..., help="NAME or NAME@VERSION of an adapter."),
     data: str = typer.Option(..., "--data", help="JSONL, JSON, CSV or Parquet file, or a Hugging Face dataset name."),
     quantize: Optional[str] = typer.Option(
-        None, "--quantize", help="Load the base as nf4 | int8 | none (default: as the version was trained)."),
+        None, "--quantize", help="Load the base as nf4 | int8 | int8wo | none (default: as the version was trained)."),
     as_json: bool = typer.Option(False, "--json", help="Print the scores as JSON."),
 ) -> None:
     """Score an adapter version and its base on a dataset; add the scores to that version."""

@@ -24,7 +24,7 @@ log = logging.getLogger("hatrack.server")
 @dataclass
 class ServeConfig:
     base: str = settings.DEFAULT_BASE_NAME
-    quantize: str = "auto"  # auto | nf4 | int8 | none; auto: the device's serving default, resolved at load
+    quantize: str = "auto"  # auto | nf4 | int8 | int8wo | none; auto: the device's serving default, resolved at load
     device: str | None = None  # default: cuda if available, else cpu
     max_rank: int | None = None  # largest LoRA rank served; None: settings.max_rank()
     max_loaded: int = 8  # adapters in device slots

@@ -108,7 +108,7 @@ def _check_config(config: TrainConfig) -> None:
         if not ok:
             raise HatrackError(message)
     if config.quantize is not None:
-        check_quantize(config.quantize)
+        check_quantize(config.quantize, training=True)
     adapter_format.check_rank(config.rank, field_name="--rank")  # refused here, not after training
 
 
@@ -344,7 +344,7 @@ def evaluate(registry: Registry, ref: str, data: str, *, quantize: str | None = 
              progress: bool = True) -> list[ScoreIn]:
     """Score version `ref` (NAME or NAME@V) and its base on `data`; add the scores to
     that version with split "eval:<file name>". `quantize` scores both at a serving
-    precision (nf4, int8, none); by default at the precision the version was trained at."""
+    precision (nf4, int8, int8wo, none); by default at the precision the version was trained at."""
     if quantize is not None:
         check_quantize(quantize)
     record = registry.version_of(ref)

@@ -17,14 +17,14 @@ from typing import Any
 
 from hatrack import basemodel
 from hatrack.errors import HatrackError
-from hatrack.precision import QUANTIZE_CHOICES, precision_label
+from hatrack.precision import QUANTIZE_CHOICES, SERVE_ONLY, precision_label
 
 
 @dataclass(frozen=True)
 class Runtime:
     device: str  # "cpu" or "cuda"
     dtype: Any  # torch dtype of the base's compute
-    quantize: str  # "nf4" | "int8" | "none"
+    quantize: str  # "nf4" | "int8" | "int8wo" (eval only) | "none"
 
     @property
     def bf16(self) -> bool:
@@ -67,15 +67,20 @@ def choose_runtime(quantize: str | None) -> Runtime:
     if quantize is None:
         quantize = "nf4" if device.startswith("cuda") and bitsandbytes_works(device) else "none"
     check_quantize(quantize)
-    if quantize != "none" and not bitsandbytes_works(device):
+    if quantize in ("nf4", "int8") and not bitsandbytes_works(device):
         raise HatrackError(f"--quantize {quantize}: bitsandbytes does not work on this machine; use --quantize none")
     return Runtime(device=device, dtype=dtype, quantize=quantize)
 
 
-def check_quantize(quantize: str) -> str:
-    """Torch-free: callers check the option before any heavy import."""
+def check_quantize(quantize: str, *, training: bool = False) -> str:
+    """Torch-free: callers check the option before any heavy import. A training run
+    refuses a serve-only base (int8wo: its int8 kernel has no backward)."""
     if quantize not in QUANTIZE_CHOICES:
         raise HatrackError(f"--quantize must be one of {', '.join(QUANTIZE_CHOICES)}; got {quantize!r}")
+    if training and quantize in SERVE_ONLY:
+        *others, last = [q for q in QUANTIZE_CHOICES if q not in SERVE_ONLY]
+        raise HatrackError(f"--quantize {quantize} serves and evaluates only (its int8 kernel has no backward); "
+                           f"train with --quantize {', '.join(others)} or {last} (or leave it out)")
     return quantize
 
 
@@ -103,6 +108,7 @@ def load_trainable(base_dir: Path, runtime: Runtime, lora: LoraSpec, parent_adap
     import torch
     from peft import LoraConfig, PeftModel, get_peft_model
 
+    check_quantize(runtime.quantize, training=True)
     model, tokenizer = basemodel.load_base(base_dir, runtime.quantize, runtime.device, runtime.dtype)
     model.config.use_cache = False
     if parent_adapter is not None:

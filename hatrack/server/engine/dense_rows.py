@@ -7,8 +7,10 @@ a greedy answer once the request shares a batch. So every plain nn.Linear of the
 called with its rows padded (zeros) to a multiple of a quantum, found by a probe at start:
 the smallest of QUANTA for which products of every multiple of it up to the batch give
 each row the same bits. A device whose matmul is already row-independent gets quantum 1
-and no padding. Quantized layers (bitsandbytes) are not plain nn.Linear and keep their own
-forward (int8: int8_rows.py).
+and no padding. Weight-only int8 projections (hatrack/weight_only_int8.py, `--quantize
+int8wo`) are probed the same way with their own product (torch's int8 kernel gave every row
+the same bits at 1..64 rows on AVX2, so quantum 1 there). bitsandbytes layers are not plain
+nn.Linear and keep their own forward (int8: int8_rows.py).
 """
 
 from __future__ import annotations
@@ -19,48 +21,66 @@ import types
 import torch
 import torch.nn.functional as F
 
+from hatrack import weight_only_int8
+
 log = logging.getLogger("hatrack.engine")
 
 QUANTA = (1, 2, 4, 8, 16)
-_probed: dict[tuple, int | None] = {}  # (device, dtype, in, out, rows, threads) -> quantum
+_probed: dict[tuple, int | None] = {}  # (kind, device, dtype, in, out, rows, threads) -> quantum
 
 
-def row_quantum(weight: torch.Tensor, max_rows: int) -> int | None:
-    """The smallest quantum q of QUANTA such that F.linear over any multiple of q rows, up
+def row_quantum(weight: torch.Tensor, max_rows: int, product=None, x_dtype: torch.dtype | None = None,
+                kind: str = "linear") -> int | None:
+    """The smallest quantum q of QUANTA such that the product over any multiple of q rows, up
     to max_rows rounded up, gives each row the bits it has in the largest product; None
-    if there is none."""
+    if there is none. product(x) runs rows x [m, in] of dtype x_dtype (default: F.linear
+    with `weight` and weight's dtype); `kind` names it in the cache of probes by shape."""
     out_dim, in_dim = weight.shape
+    x_dtype = x_dtype or weight.dtype
+    if product is None:
+        def product(rows: torch.Tensor) -> torch.Tensor:
+            return F.linear(rows, weight)
     top = -(-max(max_rows, 1) // QUANTA[-1]) * QUANTA[-1]
-    key = (str(weight.device), weight.dtype, in_dim, out_dim, top, torch.get_num_threads())
+    key = (kind, str(weight.device), x_dtype, in_dim, out_dim, top, torch.get_num_threads())
     if key not in _probed:
         gen = torch.Generator().manual_seed(0)
-        x = torch.randn(top, in_dim, generator=gen).to(device=weight.device, dtype=weight.dtype)
+        x = torch.randn(top, in_dim, generator=gen).to(device=weight.device, dtype=x_dtype)
         with torch.no_grad():
-            ref = F.linear(x, weight)
+            ref = product(x)
             found = None
             for q in QUANTA:
-                if all(torch.equal(F.linear(x[:m], weight), ref[:m]) for m in range(q, top, q)):
+                if all(torch.equal(product(x[:m]), ref[:m]) for m in range(q, top, q)):
                     found = q
                     break
         _probed[key] = found
         if found is None:
-            log.warning("no row padding makes %d x %d %s products row-independent on %s; answers may depend "
-                        "on the batch", in_dim, out_dim, weight.dtype, weight.device)
+            log.warning("no row padding makes %d x %d %s %s products row-independent on %s; answers may "
+                        "depend on the batch", in_dim, out_dim, kind, x_dtype, weight.device)
     return _probed[key]
 
 
-def pad_rows(modules, max_rows: int) -> int:
-    """Give each plain nn.Linear among `modules` (searched recursively) a forward that pads
-    its rows to the probed quantum. Returns the largest quantum used (1: no padding)."""
+def pad_rows(modules, max_rows: int, dtype: torch.dtype = torch.float32) -> int:
+    """Give each plain nn.Linear among `modules` (searched recursively), dense or weight-only
+    int8, a forward that pads its rows to the probed quantum. dtype: the activations'
+    dtype a weight-only layer is called with. Returns the largest quantum used (1: no padding)."""
     largest = 1
     for root in modules:
         for module in root.modules():
-            if type(module) is not torch.nn.Linear or not module.weight.is_floating_point():
+            if type(module) is not torch.nn.Linear:
                 continue
-            q = row_quantum(module.weight.detach(), max_rows)
+            if weight_only_int8.is_weight_only(module):
+                # its own product, unpadded (a second engine on the same model finds it padded)
+                product = getattr(module, "_unpadded_forward", module.forward)
+                q = row_quantum(module.weight, max_rows, product=product, x_dtype=dtype, kind="int8wo")
+            elif module.weight.is_floating_point():
+                q = row_quantum(module.weight.detach(), max_rows)
+            else:
+                continue
             if q is not None and q > 1:
                 module._row_quantum = q
-                module.forward = types.MethodType(_forward, module)
+                if not hasattr(module, "_unpadded_forward"):  # padded once, whatever engines follow
+                    module._unpadded_forward = module.forward  # F.linear, or the int8 product
+                    module.forward = types.MethodType(_forward, module)
                 largest = max(largest, q)
     return largest
 
@@ -71,5 +91,5 @@ def _forward(self, x: torch.Tensor) -> torch.Tensor:
     n = flat.shape[0]
     if n % q:
         flat = torch.cat([flat, flat.new_zeros(q - n % q, flat.shape[1])])
-    out = F.linear(flat, self.weight, self.bias)[:n]
+    out = self._unpadded_forward(flat)[:n]
     return out.reshape(*x.shape[:-1], out.shape[-1])

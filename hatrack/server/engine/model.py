@@ -96,9 +96,10 @@ class LlamaRunner:
         self._q_norm = [getattr(layer.self_attn, "q_norm", None) for layer in self.layers]
         self._k_norm = [getattr(layer.self_attn, "k_norm", None) for layer in self.layers]
         # a row's projections give the same bits whatever rows share the call: an int8
-        # base picks outlier columns per row (int8_rows.py), dense ones pad (dense_rows.py)
+        # base picks outlier columns per row (int8_rows.py), dense and weight-only int8
+        # ones pad to a probed quantum (dense_rows.py)
         make_rows_independent(self.layers)
-        pad_rows([*self.layers, self.lm_head], max_batch)
+        pad_rows([*self.layers, self.lm_head], max_batch, dtype=self.dtype)
 
     # ------------------------------------------------------------ forward
 
