@@ -42,8 +42,10 @@ def no_torch(tmp_path: Path) -> dict:
 
 @pytest.mark.parametrize("args, message", [
     (("--eval-split", "1.5"), "error: --eval-split must be in [0, 1); got 1.5"),
-    (("--quantize", "fp8"), "error: --quantize must be one of nf4, int8, none; got 'fp8'"),
+    (("--quantize", "fp8"), "error: --quantize must be one of nf4, int8, int8wo, none; got 'fp8'"),
     (("--rank", "0"), "error: --rank must be at least 1; got 0"),
+    (("--quantize", "int8wo"), "error: --quantize int8wo serves and evaluates only (its int8 kernel has no "
+                               "backward); train with --quantize nf4, int8 or none (or leave it out)"),
 ])
 def test_bad_train_option_fails_fast_and_leaves_no_run_folder(hatrack_home, rows, no_torch, args, message):
     started = time.monotonic()
@@ -111,6 +113,16 @@ def test_ctrl_c_says_how_to_resume_and_resume_says_where_it_starts(hatrack_home,
     assert scored.stdout.startswith("scores added to codes@1 (split eval:codes.jsonl):\n")
     assert not any(noise in scored.stderr for noise in LIBRARY_NOISE), scored.stderr
 
+    # a weight-only int8 base evaluates too (no backward needed), and says its precision
+    wo = _run(hatrack_home, "eval", "codes@1", "--data", str(rows), "--quantize", "int8wo")
+    assert wo.returncode == 0, wo.stderr[-2000:]
+    assert " at int8wo ..." in wo.stderr
+
+    def eval_loss(stdout: str) -> float:
+        return next(float(line.split()[1]) for line in stdout.splitlines() if line.split()[:1] == ["eval_loss"])
+
+    assert abs(eval_loss(wo.stdout) - eval_loss(scored.stdout)) < 0.05 * eval_loss(scored.stdout)
+
 
 def test_quiet_drops_library_notices_and_keeps_hatracks_own():
     script = (
@@ -155,7 +167,7 @@ def test_eval_passes_quantize_through(monkeypatch):
 
 def test_eval_refuses_an_unknown_quantize_at_once(hatrack_home, rows, no_torch):
     proc = _run(hatrack_home, "eval", "codes@1", "--data", str(rows), "--quantize", "fp8", env=no_torch)
-    assert proc.returncode == 1 and proc.stderr == "error: --quantize must be one of nf4, int8, none; got 'fp8'\n"
+    assert proc.returncode == 1 and proc.stderr == "error: --quantize must be one of nf4, int8, int8wo, none; got 'fp8'\n"
 
 
 def test_train_options_come_from_train_config(monkeypatch):

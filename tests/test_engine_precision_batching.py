@@ -1,5 +1,5 @@
 """At every `--quantize` setting the server can load (none in fp32 and in bf16, int8 and
-nf4 at either compute dtype), through the loading path it uses (basemodel.load_base), a
+nf4 at either compute dtype, int8wo), through the loading path it uses (basemodel.load_base), a
 greedy answer in a mixed batch of adapters and base rows equals the same request answered
 alone, with the CPU kernel and with torch ops. Tiny random model; bf16 is loaded
 explicitly (what `none`/`auto` give on CPUs with AVX-512 BF16 and on CUDA)."""
@@ -22,7 +22,8 @@ PROMPTS = ["The weather in Paris is", "def fibonacci(n):", "Dear customer, thank
 # (compute dtype: fp32 on CPUs without fast bf16, bf16 on those with it and on CUDA)
 MODES = {"fp32": ("none", torch.float32), "bf16": ("none", torch.bfloat16),
          "int8": ("int8", torch.float32), "int8-bf16": ("int8", torch.bfloat16),
-         "nf4": ("nf4", torch.float32), "nf4-bf16": ("nf4", torch.bfloat16)}
+         "nf4": ("nf4", torch.float32), "nf4-bf16": ("nf4", torch.bfloat16),
+         "int8wo": ("int8wo", torch.float32)}  # weight-only int8 always runs fp32 between projections
 
 
 @pytest.fixture(scope="module")
@@ -118,11 +119,12 @@ def test_int8_projection_row_ignores_its_neighbours_outliers(loaded):
             assert torch.equal(proj(x[row : row + 1])[0], batch[row]), row
 
 
-@pytest.mark.parametrize("mode", ["fp32", "bf16"])
+@pytest.mark.parametrize("mode", ["fp32", "bf16", "int8wo"])
 def test_dense_projection_row_ignores_the_batch_size(loaded, mode):
     """After the engine prepared the base, a row of a dense projection (a layer's and the
     LM head) gives the same bits alone as in a product of any number of rows (a BLAS picks
-    its kernel by the row count; with MKL on AVX2, 1-3 rows differ from 4 or more)."""
+    its kernel by the row count; with MKL on AVX2, 1-3 rows differ from 4 or more). With
+    int8wo the layer's projection is torch's weight-only int8 kernel."""
     model, tok = loaded(mode)
     Engine(model, tok, max_batch=12)  # prepares the projections; never started
     gen = torch.Generator().manual_seed(6)
