@@ -14,7 +14,7 @@ with a number and a full stop. For every `--quantize` mode it then starts a real
 - measures output tokens/s at concurrency 8 for base-only and 3-adapter mixed loads,
   with the modes alternating over `--rounds` rounds.
 
-    python bench/precision.py [--modes none int8 nf4] [--rounds 2] [--out FILE]
+    python bench/precision.py [--modes none int8 nf4 int8wo] [--rounds 2] [--out FILE]
 """
 
 from __future__ import annotations
@@ -82,8 +82,11 @@ def served_answers(url: str, model: str, rows, max_new: int) -> list[str]:
 
 
 def main() -> None:
+    from hatrack.precision import QUANTIZE_CHOICES
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--modes", nargs="+", default=["none", "int8", "nf4"])
+    parser.add_argument("--modes", nargs="+", default=["none", "int8", "nf4"], choices=QUANTIZE_CHOICES,
+                        help="hatrack serve --quantize modes to compare; the first is the eval-loss reference")
     parser.add_argument("--rounds", type=int, default=2, help="speed rounds; modes alternate within each")
     parser.add_argument("--requests", type=int, default=32)
     parser.add_argument("--out", type=Path, default=None)

@@ -6,7 +6,7 @@ official openai client, then runs the naive baseline in this process: one reques
 time, a PeftModel holding the 8 adapters and `set_adapter` before each `generate`.
 Same base precision on both sides.
 
-    python bench/serve.py [--quantize nf4] [--device cpu|cuda] [--concurrency 8 32] [--requests 32] [--out FILE]
+    python bench/serve.py [--quantize nf4|none|int8wo] [--device cpu|cuda] [--concurrency 8 32] [--requests 32] [--out FILE]
 
 Prints a markdown table (and writes it to --out).
 """
@@ -161,7 +161,7 @@ def machine(device: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quantize", default="nf4", choices=["nf4", "none"])
+    parser.add_argument("--quantize", default="nf4", choices=["nf4", "none", "int8wo"])
     parser.add_argument("--concurrency", type=int, nargs="+", default=[8, 32])
     parser.add_argument("--requests", type=int, default=32, help="requests per run")
     parser.add_argument("--naive-requests", type=int, default=8)
