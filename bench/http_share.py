@@ -51,10 +51,11 @@ from engine import in_thread  # noqa: E402  (bench/engine.py)
 from serve import cpu_name, make_adapters, report  # noqa: E402  (bench/serve.py)
 from side_by_side import N_ADAPTERS, write_json  # noqa: E402  (bench/side_by_side.py)
 
-# open-ended asks, so a greedy answer runs to the token limit rather than ending early
+# open-ended asks, so a greedy answer runs to the token limit rather than ending early: on
+# smollm2-135m each made 32 of 32 tokens through the engine, base and all 8 adapters (an
+# ask for "how a bicycle works, part by part" ended at 16-26 and was dropped)
 QUESTIONS = [
     "Write a long story about a dragon who learns to cook.",
-    "Explain in detail how a bicycle works, part by part.",
     "Describe a walk through a busy city market, with every sound and smell.",
     "Write a long letter to a friend about your summer holidays.",
     "Explain step by step how to bake bread at home.",
