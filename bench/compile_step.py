@@ -358,9 +358,10 @@ def main() -> None:
             else:
                 fn = whole_decode(w.runner)
                 plain = once(tensor_step(w, fn), args.batch[0])
-                if not torch.equal(plain, results[args.batch[0]][1]):
-                    raise SystemExit("error: bench/compile_step.py's whole_decode no longer matches "
-                                     "LlamaRunner.decode (uncompiled logits differ); update it")
+                if not torch.equal(plain, results[args.batch[0]][1]):  # measuring it would mislead
+                    rows += [Row(variant, n, error="whole_decode no longer gives LlamaRunner.decode's bits "
+                                 "uncompiled: update it to match model.py") for n in args.batch]
+                    continue
                 step = tensor_step(w, torch.compile(fn, dynamic=False, fullgraph=True))
                 rows += measure(variant, step, results, eager_row0, args.batch, args.check_batch,
                                 args.steps, args.repeats)
