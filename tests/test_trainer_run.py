@@ -70,6 +70,6 @@ def test_resume_without_checkpoint_and_bad_config_are_refused(registry, codes):
         train(_config(codes, resume=True), registry, progress=False)
     with pytest.raises(HatrackError, match=r"invalid name 'Bad Name'"):
         train(_config(codes, name="Bad Name"), registry, progress=False)
-    with pytest.raises(HatrackError, match=r"--quantize must be one of nf4, int8, none; got 'fp8'"):
+    with pytest.raises(HatrackError, match=r"--quantize must be one of nf4, int8, int8wo, none; got 'fp8'"):
         train(_config(codes, quantize="fp8"), registry, progress=False)
     assert registry.list_versions(name="codes") == []
