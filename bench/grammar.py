@@ -1,6 +1,6 @@
 """Cost of grammar-constrained rows in the engine's decode step.
 
-    python bench/grammar.py [--batch 16] [--tokens 32] [--repeats 3] [--quantize none|nf4|int8]
+    python bench/grammar.py [--batch 16] [--tokens 32] [--repeats 3] [--quantize none|nf4|int8|int8wo]
 
 One batch of `--batch` requests to the base, greedy, run three ways: 0%, 50% and 100%
 of its rows constrained to a JSON schema (llguidance masks, engine/constraints.py).
@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from serve import report  # noqa: E402
 
 from hatrack import basemodel  # noqa: E402
+from hatrack.precision import QUANTIZE_CHOICES  # noqa: E402
 from hatrack.chat_format import end_of_turn_ids  # noqa: E402
 from hatrack.server.engine import Engine, SamplingParams  # noqa: E402
 from hatrack.server.engine.constraints import GrammarCompiler  # noqa: E402
@@ -60,7 +61,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--quantize", default="none", choices=["none", "nf4", "int8"])
+    parser.add_argument("--quantize", default="none", choices=QUANTIZE_CHOICES)
     parser.add_argument("--base-dir", type=Path, default=None, help="default: the converted default base")
     parser.add_argument("--out", type=Path, default=None, help="also write the table to this file")
     args = parser.parse_args()

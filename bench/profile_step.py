@@ -1,6 +1,6 @@
 """Where a decode step and a prefill of hatrack's engine spend their time.
 
-    python bench/profile_step.py [--batch 8 32] [--quantize none] [--repeats 3] [--out FILE]
+    python bench/profile_step.py [--batch 8 32] [--quantize none|nf4|int8|int8wo] [--repeats 3] [--out FILE]
 
 The real default base, 8 random rank-16 all-linear adapters (bench/engine.py's), 32 new
 tokens per request, greedy. Two workloads per batch size: every row on the base, and rows
@@ -41,6 +41,7 @@ from engine import N_ADAPTERS, NEW_TOKENS, in_thread, make_adapters, prompts  # 
 from serve import cpu_name, report  # noqa: E402
 
 from hatrack import basemodel  # noqa: E402
+from hatrack.precision import QUANTIZE_CHOICES  # noqa: E402
 from hatrack.server.engine import AdapterSpec, Engine, SamplingParams, load_peft_adapter  # noqa: E402
 from hatrack.server.engine import engine as engine_module  # noqa: E402
 from hatrack.server.engine import model as model_module  # noqa: E402
@@ -195,7 +196,7 @@ def profile(engine: Engine, timers: Timers, jobs, repeats: int) -> tuple[dict[st
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batch", nargs="+", type=int, default=[8, 32])
-    parser.add_argument("--quantize", default="none", choices=["none", "nf4", "int8"])
+    parser.add_argument("--quantize", default="none", choices=QUANTIZE_CHOICES)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--base-dir", type=Path, default=None, help="default: the converted default base")
     parser.add_argument("--out", type=Path, default=None, help="also write the table to this file")

@@ -7,6 +7,8 @@ adapter at a label none of its scores carry. Torch-free: callers pass dtype name
 from __future__ import annotations
 
 QUANTIZE_CHOICES = ("nf4", "int8", "int8wo", "none")
+# `hatrack serve --dtype`: auto is basemodel.compute_dtype's choice for the device
+DTYPE_CHOICES = ("auto", "float32", "bfloat16")
 # bases that serve and evaluate but cannot train (no backward through their kernel)
 SERVE_ONLY = ("int8wo",)
 _DENSE = {"bfloat16": "bf16", "float32": "fp32", "float16": "fp16", "bf16": "bf16", "fp32": "fp32", "fp16": "fp16"}

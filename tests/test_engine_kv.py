@@ -176,10 +176,12 @@ def small_kv_server(tmp_path_factory, tiny_base_dir: Path):
     home = tmp_path_factory.mktemp("kv-home")
     with hatrack_home_env(home):
         tiny_registry(tiny_base_dir, "tiny")
-        # 0.0002 GB: 200,000 bytes = 390 positions of the tiny model's 512 bytes -> 384 per request
+        # 0.0002 GB: 200,000 bytes = 390 positions of the tiny model's 512 bytes in fp32 (--dtype float32:
+        # the same on a CPU whose auto is bf16) -> 384 per request
         # (no adapters here: the LoRA kernel is not needed)
-        server = ServerProcess(home, "--base", "tiny", "--device", "cpu", "--no-auth", "--kv-cache-gb", "0.0002",
-                               "--log-level", "info", env={"HATRACK_CPU_KERNEL": "0"}).start()
+        server = ServerProcess(home, "--base", "tiny", "--device", "cpu", "--dtype", "float32", "--no-auth",
+                               "--kv-cache-gb", "0.0002", "--log-level", "info",
+                               env={"HATRACK_CPU_KERNEL": "0"}).start()
         yield server
         server.stop()
 

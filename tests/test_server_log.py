@@ -79,3 +79,24 @@ def test_precision_warnings_once_per_adapter_version(logged):
     assert log.count(elsewhere) == 1, log[-3000:]
     assert log.count(f"serving unrecorded@1 at {served}; its scores do not record the precision") == 1
     assert "serving measured-here@1" not in log and "serving unscored@1" not in log
+
+
+@pytest.mark.parametrize(("dtype", "precision", "positions"), [("float32", "fp32", 390), ("bfloat16", "bf16", 781)])
+def test_dtype_chooses_what_the_base_computes_in_whatever_the_cpu(tmp_path, tiny_base_dir: Path, dtype, precision,
+                                                                  positions):
+    """--dtype overrides auto (bf16 on CPUs with AVX-512 BF16 or AMX, else fp32): the ready line
+    names it, and a KV position costs what that dtype costs (0.0002 GB: 512 bytes a position
+    of the tiny model in fp32, 256 in bf16)."""
+    with hatrack_home_env(tmp_path):
+        tiny_registry(tiny_base_dir, BASE)
+        server = ServerProcess(tmp_path, "--base", BASE, "--device", "cpu", "--dtype", dtype, "--no-auth",
+                               "--kv-cache-gb", "0.0002", "--log-level", "info",
+                               env={"HATRACK_CPU_KERNEL": "0"}).start()
+        try:
+            reply = httpx.post(f"{server.url}/v1/chat/completions", timeout=60,
+                               json={"model": BASE, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2})
+            assert reply.status_code == 200, reply.text
+        finally:
+            server.stop()
+    ready = [line for line in server.log.read_text().splitlines() if "ready: base" in line]
+    assert ready and f"precision {precision}," in ready[0] and f"({positions} positions)" in ready[0], ready

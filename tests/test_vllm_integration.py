@@ -69,7 +69,7 @@ def fleet(tmp_path_factory, default_base_dir: Path, vllm_python: Path):
             proc = subprocess.Popen(command["argv"], env=vllm_env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
             procs.append(proc)
             # both servers start at once: their cold starts overlap
-            hatrack = ServerProcess(home, "--quantize", "none", "--device", "cpu", "--no-auth")
+            hatrack = ServerProcess(home, "--quantize", "none", "--dtype", "float32", "--device", "cpu", "--no-auth")
             servers.append(hatrack)
             hatrack.start(timeout=600)
             url = f"http://127.0.0.1:{port}"

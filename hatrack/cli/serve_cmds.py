@@ -34,6 +34,11 @@ def serve(
                      "serving default (none on CPU, nf4 on CUDA).",
     ),
     device: str = typer.Option(None, help="cpu or cuda (default: cuda when present)."),
+    dtype: str = typer.Option(
+        "auto", help="What the dense parts compute in: auto, float32 or bfloat16. auto: bf16 where the "
+                     "hardware does it fast (CUDA; CPUs with AVX-512 BF16 or AMX), else fp32 (fp16 on "
+                     "older CUDA cards). int8wo always loads in float32 and runs its projections in bf16.",
+    ),
     max_loaded: int = typer.Option(8, help="Adapters kept in device slots (LRU beyond)."),
     max_rank: Optional[int] = typer.Option(
         None, min=1, show_default=False,
@@ -76,19 +81,21 @@ def serve(
     `acme-support@prod`) or the bare base by its name. Adapters registered while the
     server runs are servable on their next request.
     """
-    from hatrack.precision import QUANTIZE_CHOICES
+    from hatrack.precision import DTYPE_CHOICES, QUANTIZE_CHOICES
     from hatrack.server.app import ServeConfig, create_app
 
     if quantize not in ("auto", *QUANTIZE_CHOICES):
         raise typer.BadParameter(f"expected auto, {', '.join(QUANTIZE_CHOICES)}; got {quantize!r}",
                                  param_hint="--quantize")
+    if dtype not in DTYPE_CHOICES:
+        raise typer.BadParameter(f"expected {', '.join(DTYPE_CHOICES)}; got {dtype!r}", param_hint="--dtype")
     if kv_cache_gb is not None and not kv_cache_gb > 0:
         raise typer.BadParameter(f"expected a positive number of GB, got {kv_cache_gb}", param_hint="--kv-cache-gb")
     if prefix_cache_gb is not None and not prefix_cache_gb >= 0:
         raise typer.BadParameter(f"expected 0 or a positive number of GB, got {prefix_cache_gb}",
                                  param_hint="--prefix-cache-gb")
     config = ServeConfig(
-        base=base, quantize=quantize, device=device, max_rank=max_rank or settings.max_rank(),
+        base=base, quantize=quantize, device=device, dtype=dtype, max_rank=max_rank or settings.max_rank(),
         max_loaded=max_loaded, max_host=max_host, max_batch=max_batch, max_waiting=max_waiting,
         kv_cache_gb=kv_cache_gb or settings.kv_cache_gb(), prefix_cache_gb=prefix_cache_gb,
         default_max_tokens=max_tokens, max_body_bytes=max_body_bytes, shutdown_timeout=shutdown_timeout, auth=not no_auth,

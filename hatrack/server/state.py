@@ -26,6 +26,7 @@ class ServeConfig:
     base: str = settings.DEFAULT_BASE_NAME
     quantize: str = "auto"  # auto | nf4 | int8 | int8wo | none; auto: the device's serving default, resolved at load
     device: str | None = None  # default: cuda if available, else cpu
+    dtype: str = "auto"  # auto | float32 | bfloat16; auto: basemodel.compute_dtype(device)
     max_rank: int | None = None  # largest LoRA rank served; None: settings.max_rank()
     max_loaded: int = 8  # adapters in device slots
     max_host: int = 64  # adapters kept in host memory
@@ -70,6 +71,8 @@ class ServerState:
     def load(self) -> None:
         """Load the base and start the engine (runs on a background thread)."""
         try:
+            import torch
+
             from hatrack import basemodel
             from hatrack.server.engine import Engine
 
@@ -77,7 +80,8 @@ class ServerState:
             device = self.config.device or basemodel.best_device()
             quantize = resolve_quantize(self.config.quantize, device)
             max_rank = self.config.max_rank or settings.max_rank()
-            model, tokenizer = basemodel.load_base(record.path, quantize=quantize, device=device)
+            dtype = None if self.config.dtype == "auto" else getattr(torch, self.config.dtype)
+            model, tokenizer = basemodel.load_base(record.path, quantize=quantize, device=device, dtype=dtype)
             engine = Engine(
                 model, tokenizer, max_loaded=self.config.max_loaded, max_host=self.config.max_host,
                 max_batch=self.config.max_batch, max_context=self.config.max_context,
