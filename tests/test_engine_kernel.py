@@ -95,6 +95,8 @@ def test_a_row_gets_the_same_bits_in_any_batch():
         return y[0]
 
     alone = term([1], torch.zeros(0, 64, dtype=torch.bfloat16))
-    for others in ([2, 2, 1], [0, 1], [2] * 15):
+    # rows of slot 1 beside row 0: none, one, three, four and six (computed together, up to
+    # four at a time, each weight read once for them)
+    for others in ([2, 2, 1], [0, 1], [2] * 15, [1, 1, 1], [1, 1, 1, 2, 1], [1, 2, 1, 1, 1, 1, 1]):
         crowd = torch.randn(len(others), 64).to(torch.bfloat16)
         assert torch.equal(term([1, *others], crowd), alone)

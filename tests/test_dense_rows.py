@@ -1,0 +1,47 @@
+"""The start-up probe that picks how many rows a dense projection is padded to: it must
+catch a kernel whose rows disagree only now and then, not only on the first rows."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from hatrack.server.engine import dense_rows
+
+
+def _each_row(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Each row's product on its own: no batch effect (a BLAS's own may have one)."""
+    return torch.stack([F.linear(r, weight) for r in rows])
+
+
+def test_probe_catches_a_one_row_product_that_differs_for_a_few_rows_only():
+    # like oneDNN's bf16 kernels on an AVX-512 BF16 CPU (about 1 row in 30 of a 1-row
+    # product differs from the same row among others): here a 1-row product of a row
+    # whose first value exceeds 1.5 (about 7% of random rows, not the probe's first) is off
+    weight = torch.randn(24, 40, generator=torch.Generator().manual_seed(1))
+
+    def flaky(rows: torch.Tensor) -> torch.Tensor:
+        out = _each_row(rows, weight)
+        if rows.shape[0] == 1 and rows[0, 0] > 1.5:
+            out = out + 1e-3
+        return out
+
+    gen = torch.Generator().manual_seed(0)
+    first = torch.randn(1, 40, generator=gen)
+    assert not first[0, 0] > 1.5  # the first probe row alone would not show it
+    assert dense_rows.row_quantum(weight, 32, product=flaky, kind="test-flaky") == 2
+
+
+def test_probe_finds_no_padding_needed_for_a_row_independent_product():
+    weight = torch.randn(24, 40, generator=torch.Generator().manual_seed(2))
+
+    assert dense_rows.row_quantum(weight, 32, product=lambda rows: _each_row(rows, weight), kind="test-exact") == 1
+
+
+def test_probe_gives_up_when_every_size_differs():
+    weight = torch.randn(24, 40, generator=torch.Generator().manual_seed(3))
+
+    def by_size(rows: torch.Tensor) -> torch.Tensor:  # every product size has its own bits
+        return _each_row(rows, weight) + rows.shape[0] * 1e-3
+
+    assert dense_rows.row_quantum(weight, 32, product=by_size, kind="test-by-size") is None
