@@ -128,7 +128,7 @@ def instrument(engine: Engine, timers: Timers) -> None:
             if hasattr(obj, name):
                 setattr(obj, name, timers.wrap("LoRA", getattr(obj, name)))
     model_module.F = _TimedFunctional(timers)
-    if hasattr(runner, "_attend"):  # decode attention (fp32: plain products and softmax)
+    if hasattr(runner, "_attend"):  # decode attention (CPU: plain products and softmax)
         runner._attend = timers.wrap("attention", runner._attend)
     runner.decode = timers.wrap("model.decode", runner.decode)
     engine_module.pick_tokens = timers.wrap("sampling", engine_module.pick_tokens)

@@ -186,11 +186,13 @@ class LlamaRunner:
         return self.lm_head(self.norm(x[last]))
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Decode attention. In fp32, torch's fused CPU kernel gives a row other bits
-        with another batch size or thread split (measured, 2 threads): there the plain
-        product, softmax, product, whose every row is its own batch entry and whose masked
-        positions add exact zeros; faster than the fused kernel at decode sizes too."""
-        if q.dtype != torch.float32:
+        """Decode attention. On CPU the plain product, softmax, product, whose every row is
+        its own batch entry and whose masked positions add exact zeros: torch's fused kernel
+        gives a row other bits with another batch or window (measured: fp32 at 2 threads;
+        bf16 on an AVX-512 BF16 CPU, where 1 of 99 greedy answers on the real base still
+        changed in a batch of 32). Faster than the fused kernel at decode sizes in fp32; in
+        bf16 about 1.1x slower at 128 positions (bench/RESULTS.md). CUDA keeps the fused kernel."""
+        if q.device.type != "cpu":
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scaling)
         scores = torch.matmul(q, k.transpose(-1, -2)) * self.scaling
         return torch.matmul(torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1), v)
