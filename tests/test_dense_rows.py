@@ -38,10 +38,20 @@ def test_probe_finds_no_padding_needed_for_a_row_independent_product():
     assert dense_rows.row_quantum(weight, 32, product=lambda rows: _each_row(rows, weight), kind="test-exact") == 1
 
 
-def test_probe_gives_up_when_every_size_differs():
+def test_probe_pads_to_what_leaves_fewest_rows_off_when_nothing_is_exact(caplog):
+    # every size below the largest is off for a few rows (first value above 2), and sizes
+    # that are not a multiple of 4 for every row: no padding is exact; 16 leaves fewest off
     weight = torch.randn(24, 40, generator=torch.Generator().manual_seed(3))
 
-    def by_size(rows: torch.Tensor) -> torch.Tensor:  # every product size has its own bits
-        return _each_row(rows, weight) + rows.shape[0] * 1e-3
+    def messy(rows: torch.Tensor) -> torch.Tensor:
+        out = _each_row(rows, weight)
+        m = rows.shape[0]
+        if m % 4:
+            out = out + 1e-3
+        elif m < 32:
+            out = out + 1e-3 * (rows[:, :1] > 2.0)
+        return out
 
-    assert dense_rows.row_quantum(weight, 32, product=by_size, kind="test-by-size") is None
+    with caplog.at_level("WARNING", logger="hatrack.engine"):
+        assert dense_rows.row_quantum(weight, 32, product=messy, kind="test-messy") == 16
+    assert "no row padding makes 40 x 24 test-messy" in caplog.text and "padding to 16" in caplog.text

@@ -28,22 +28,23 @@ log = logging.getLogger("hatrack.engine")
 QUANTA = (1, 2, 4, 8, 16)
 PROBE_ROWS = 256  # random rows each product size is checked on...
 PROBE_MACS = 8e9  # ...fewer for a large weight (the LM head), to keep start-up short
-_probed: dict[tuple, int | None] = {}  # (kind, device, dtype, in, out, rows, threads) -> quantum
+_probed: dict[tuple, int] = {}  # (kind, device, dtype, in, out, rows, threads) -> quantum
 
 
 def row_quantum(weight: torch.Tensor, max_rows: int, product=None, x_dtype: torch.dtype | None = None,
-                kind: str = "linear") -> int | None:
+                kind: str = "linear") -> int:
     """The smallest quantum q of QUANTA such that a product over any multiple of q rows, up
-    to max_rows rounded up, gives each row the bits it has in the largest product; None
-    if there is none. product(x) runs rows x [m, in] of dtype x_dtype (default: F.linear
-    with `weight` and weight's dtype); `kind` names it in the cache of probes by shape.
+    to max_rows rounded up, gives each row the bits it has in the largest product. Where no
+    quantum does, the one under which the fewest rows disagree, with a warning (padding
+    that fixes most rows beats none). product(x) runs rows x [m, in] of dtype x_dtype
+    (default: F.linear with `weight` and weight's dtype); `kind` names it in the cache of
+    probes by shape.
 
     Each product size is tried on every row of PROBE_ROWS random rows (tile after tile; fewer
     rows for a weight as large as the LM head), not on the first rows alone: a kernel whose
-    rows disagree only now and then must be caught.
-    Measured with oneDNN's bf16 kernels on an AVX-512 BF16 CPU: a 1-row product gives about
-    one row in 30 other bits than the same row among 2 or more, and the first row alone
-    happened to agree."""
+    rows disagree only now and then must be caught. Measured with oneDNN's bf16 kernels on
+    an AVX-512 BF16 CPU: a 1-row product gives about one row in 30 other bits than the same
+    row among 2 or more, and the first row alone happened to agree."""
     out_dim, in_dim = weight.shape
     x_dtype = x_dtype or weight.dtype
     if product is None:
@@ -58,16 +59,20 @@ def row_quantum(weight: torch.Tensor, max_rows: int, product=None, x_dtype: torc
         x = torch.randn(rows, in_dim, generator=gen).to(device=weight.device, dtype=x_dtype)
         with torch.no_grad():
             ref = torch.cat([product(x[t:t + top]) for t in range(0, rows, top)])
-            found = None
-            for q in QUANTA:
-                if all(torch.equal(product(x[s:s + m]), ref[s:s + m])
-                       for m in range(q, top, q) for s in range(0, rows - m + 1, m)):
-                    found = q
-                    break
+
+            def tiles(q: int):
+                return ((s, m) for m in range(q, top, q) for s in range(0, rows - m + 1, m))
+
+            found = next((q for q in QUANTA if all(torch.equal(product(x[s:s + m]), ref[s:s + m])
+                                                    for s, m in tiles(q))), None)
+            if found is None:  # every quantum leaves some rows off: the one that leaves fewest
+                off = {q: sum(int((product(x[s:s + m]) != ref[s:s + m]).any(dim=1).sum()) for s, m in tiles(q))
+                       for q in QUANTA}
+                found = min(QUANTA, key=lambda q: (off[q], q))
+                log.warning("no row padding makes %d x %d %s %s products row-independent on %s (rows that "
+                            "differ at each padding: %s); padding to %d, answers may depend on the batch",
+                            in_dim, out_dim, kind, x_dtype, weight.device, off, found)
         _probed[key] = found
-        if found is None:
-            log.warning("no row padding makes %d x %d %s %s products row-independent on %s; answers may "
-                        "depend on the batch", in_dim, out_dim, kind, x_dtype, weight.device)
     return _probed[key]
 
 
@@ -88,7 +93,7 @@ def pad_rows(modules, max_rows: int, dtype: torch.dtype = torch.float32) -> int:
                 q = row_quantum(module.weight.detach(), max_rows)
             else:
                 continue
-            if q is not None and q > 1:
+            if q > 1:
                 module._row_quantum = q
                 if not hasattr(module, "_unpadded_forward"):  # padded once, whatever engines follow
                     module._unpadded_forward = module.forward  # F.linear, or the int8 product
