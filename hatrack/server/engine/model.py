@@ -191,7 +191,8 @@ class LlamaRunner:
         gives a row other bits with another batch or window (measured: fp32 at 2 threads;
         bf16 on an AVX-512 BF16 CPU, where 1 of 99 greedy answers on the real base still
         changed in a batch of 32). Faster than the fused kernel at decode sizes in fp32; in
-        bf16 about 1.1x slower at 128 positions (bench/RESULTS.md). CUDA keeps the fused kernel."""
+        bf16 it costs ~10 ms a decode step, 15-20% of a base-only step (bench/RESULTS.md,
+        AVX-512 BF16 host). CUDA keeps the fused kernel."""
         if q.device.type != "cpu":
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scaling)
         scores = torch.matmul(q, k.transpose(-1, -2)) * self.scaling
