@@ -1,10 +1,13 @@
-"""The CPU decode kernel for the per-row LoRA term (csrc/lora_cpu.cpp), compiled on
-first use with the machine's C++ compiler and cached.
+"""The CPU decode kernels, compiled on first use with the machine's C++ compiler and
+cached: the per-row LoRA term (csrc/lora_cpu.cpp) and decode attention
+(csrc/attention_cpu.cpp).
 
 Why a kernel: a decode step that mixes adapters is bound by reading their weights. torch's
 batched matmul needs a gathered copy of each row's adapter and runs bf16 far below memory
 speed on CPU; the kernel reads every row's adapter in place from the slot bank, in bf16,
-once per distinct adapter. Where it cannot be built (no compiler, no ninja) the engine
+once per distinct adapter. Decode attention in one kernel call per layer is batch-invariant
+by construction and skips the other threads' wake-ups that torch's five small ops pay for
+(bench/RESULTS.md). Where it cannot be built (no compiler, no ninja) the engine
 falls back to torch ops and says so once in the log; HATRACK_CPU_KERNEL=0 turns it off.
 """
 
@@ -21,7 +24,7 @@ from typing import Any
 
 log = logging.getLogger("hatrack.engine")
 
-SOURCE = Path(__file__).with_name("csrc") / "lora_cpu.cpp"
+SOURCES = tuple(Path(__file__).with_name("csrc") / name for name in ("lora_cpu.cpp", "attention_cpu.cpp"))
 # -fopenmp: at::parallel_for is OpenMP in torch's CPU builds (without it the kernel runs on
 # one thread); the module then binds to the libgomp torch has already loaded.
 CFLAGS = ["-O3", "-march=native", "-fopenmp"]
@@ -57,7 +60,8 @@ def build_name() -> str:
     digest = hashlib.sha256()
     # torch's install path too: two environments with one torch version build with other
     # include paths, and sharing a folder would rebuild it at every switch
-    for part in (SOURCE.read_bytes(), torch.__version__.encode(), os.path.dirname(torch.__file__).encode(),
+    sources = (s.read_bytes() for s in SOURCES)
+    for part in (*sources, torch.__version__.encode(), os.path.dirname(torch.__file__).encode(),
                  " ".join(CFLAGS).encode(), _cpu_signature().encode()):
         digest.update(part)
     return f"hatrack_lora_cpu_{digest.hexdigest()[:16]}"
@@ -78,12 +82,12 @@ def load() -> Any | None:
             folder = cache_dir() / name
             folder.mkdir(parents=True, exist_ok=True)
             with _build_lock(folder):
-                source = _stable_source(folder)
-                module = build(name=name, sources=[str(source)], extra_cflags=CFLAGS, extra_ldflags=LDFLAGS,
+                sources = [str(_stable_source(folder, s)) for s in SOURCES]
+                module = build(name=name, sources=sources, extra_cflags=CFLAGS, extra_ldflags=LDFLAGS,
                                build_directory=str(folder), verbose=False)
         except Exception as exc:  # no compiler, no ninja, a read-only cache: torch ops instead
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            log.warning("CPU LoRA kernel unavailable (%s); using torch ops, slower for mixed batches", first[:300])
+            log.warning("CPU decode kernels unavailable (%s); using torch ops, slower for mixed batches", first[:300])
         _loaded["module"] = module
         return module
 
@@ -111,11 +115,11 @@ class _build_lock:
         self.handle.close()
 
 
-def _stable_source(folder: Path) -> Path:
-    """The source copied into the build folder: torch's build file records the source's
+def _stable_source(folder: Path, source: Path) -> Path:
+    """A source copied into the build folder: torch's build file records the source's
     path, so building from each checkout's own path would rebuild for every checkout."""
-    copy = folder / SOURCE.name
-    data = SOURCE.read_bytes()
+    copy = folder / source.name
+    data = source.read_bytes()
     if not copy.exists() or copy.read_bytes() != data:
         tmp = copy.with_suffix(".tmp")
         tmp.write_bytes(data)

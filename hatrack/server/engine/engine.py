@@ -106,6 +106,7 @@ class Engine:
             prefix_cache_bytes = min(DEFAULT_PREFIX_CACHE_BYTES, self.kv.budget_bytes // 4)
         self.prefix = PrefixCache(self.kv, prefix_cache_bytes)
         kernel = cpu_kernel_module.load() if cpu_kernel and self.runner.device.type == "cpu" else None
+        self.runner.attention_kernel = kernel
         lora_dtype = lora_dtype_for(self.runner.device, self.runner.dtype, cpu_kernel=kernel is not None)
         self.bank = SlotBank(self.runner.layers, max_loaded, max_rank, lora_dtype, self.runner.device)
         self.rows: LoraRows = KernelRows(self.bank, kernel) if kernel else RowBank(self.bank, max_batch)

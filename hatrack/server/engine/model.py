@@ -21,9 +21,13 @@ from hatrack.server.engine.kv_cache import WINDOW_STEP, KVCache, KVShape
 from hatrack.server.engine.slots import LoraRows, SlotBank
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
-# Decode attends over a window rounded up to WINDOW_STEP positions. torch's CPU attention
-# kernel then gives a row the same bits whatever the window (the extra positions are
-# masked), so a row's answer does not depend on the lengths of the rows beside it.
+# the attention kernel's query-key products per thread: below this a second thread costs
+# more to wake than it saves (bench/RESULTS.md)
+ATTENTION_MIN_WORK = 1 << 18
+# Without the compiled kernel, decode attends over a window rounded up to WINDOW_STEP
+# positions; the plain product/softmax/product gives a row the same bits whatever the
+# window (the extra positions are masked), so a row's answer does not depend on the
+# lengths of the rows beside it. The kernel reads each row's own positions only.
 
 
 @dataclass
@@ -54,6 +58,18 @@ def _slot_runs(segments: list[PrefillSegment], spans: list[tuple[int, int]]) -> 
 def _apply_runs(bank: SlotBank, runs, layer: int, group: str, x: torch.Tensor, outs) -> None:
     for slot, a, b in runs:
         bank.apply_slot(slot, layer, group, x[a:b], tuple(y[a:b] for y in outs))
+
+
+@dataclass
+class _DecodeWindow:
+    """What decode attention needs of one step: its n rows and the positions each attends
+    to (int64 [n]); for torch ops, the window (the longest row rounded up to WINDOW_STEP)
+    and its mask."""
+
+    n: int
+    lengths: torch.Tensor
+    length: int
+    mask: torch.Tensor | None
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -93,6 +109,8 @@ class LlamaRunner:
         )
         self._rows = torch.arange(max_batch, device=self.device)
         self._cols = torch.arange(self.kv.max_capacity, device=self.device)
+        # the compiled CPU decode kernels' module (cpu_kernel.py), set by the engine where built
+        self.attention_kernel = None
         self._q_norm = [getattr(layer.self_attn, "q_norm", None) for layer in self.layers]
         self._k_norm = [getattr(layer.self_attn, "k_norm", None) for layer in self.layers]
         # a row's projections give the same bits whatever rows share the call: an int8
@@ -185,18 +203,26 @@ class LlamaRunner:
         last = [b - 1 for s, (_, b) in zip(segments, spans) if s.logits]
         return self.lm_head(self.norm(x[last]))
 
-    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Decode attention. On CPU the plain product, softmax, product, whose every row is
-        its own batch entry and whose masked positions add exact zeros: torch's fused kernel
-        gives a row other bits with another batch or window (measured: fp32 at 2 threads;
-        bf16 on an AVX-512 BF16 CPU, where 1 of 99 greedy answers on the real base still
-        changed in a batch of 32). Faster than the fused kernel at decode sizes in fp32; in
-        bf16 it costs ~10 ms a decode step, 15-20% of a base-only step (bench/RESULTS.md,
-        AVX-512 BF16 host). CUDA keeps the fused kernel."""
+    def _attend(self, q: torch.Tensor, i: int, window: _DecodeWindow) -> torch.Tensor:
+        """Decode attention of layer i for queries q [n, kv_heads, n_rep, d]. On CPU the
+        compiled kernel (csrc/attention_cpu.cpp) where it was built: each row over its own
+        positions, in a fixed order, in one call. Otherwise on CPU the plain product,
+        softmax, product, whose every row is its own batch entry and whose masked positions
+        add exact zeros. torch's fused kernel gives a row other bits with another batch or
+        window (measured: fp32 at 2 threads; bf16 on an AVX-512 BF16 CPU, where 1 of 99
+        greedy answers on the real base changed in a batch of 32). CUDA keeps the fused
+        kernel."""
+        k_cache, v_cache = self.kv.k[i], self.kv.v[i]
+        if self.attention_kernel is not None:
+            out = torch.empty_like(q)
+            self.attention_kernel.attend_decode(q, k_cache, v_cache, window.lengths, out, self.scaling,
+                                                ATTENTION_MIN_WORK)
+            return out
+        k, v = k_cache[: window.n, :, : window.length], v_cache[: window.n, :, : window.length]
         if q.device.type != "cpu":
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scaling)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=window.mask, scale=self.scaling)
         scores = torch.matmul(q, k.transpose(-1, -2)) * self.scaling
-        return torch.matmul(torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1), v)
+        return torch.matmul(torch.softmax(scores.masked_fill(~window.mask, float("-inf")), dim=-1), v)
 
     def decode(self, tokens: list[int], positions: list[int], rows: LoraRows, slots: list[int]) -> torch.Tensor:
         """One new token for each of the rows 0..N-1; tokens[r] goes to position
@@ -207,8 +233,9 @@ class LlamaRunner:
         tok = torch.tensor(tokens, device=self.device)
         pos = torch.tensor(positions, device=self.device)
         row_ids = self._rows[:n]
-        # attend to positions 0..pos[r] of row r; the rest of the window is masked
-        mask = (self._cols[None, :length] <= pos[:, None]).view(n, 1, 1, length)
+        # torch ops attend to positions 0..pos[r] of row r; the rest of the window is masked
+        mask = None if self.attention_kernel is not None else (self._cols[None, :length] <= pos[:, None])
+        window = _DecodeWindow(n, pos + 1, length, None if mask is None else mask.view(n, 1, 1, length))
         x = self.embed(tok)
         cos, sin = self.rotary(x[:, None], pos[:, None])  # [n, 1, head_dim]
         for i, layer in enumerate(self.layers):
@@ -220,8 +247,7 @@ class LlamaRunner:
             v_cache[row_ids, :, pos] = v
             # GQA without copies: the n_rep query heads sharing a KV head become that
             # head's n_rep "query positions" (one token each, so no causal mask needed)
-            o = self._attend(q.view(n, self.n_kv, self.n_rep, self.head_dim), k_cache[:n, :, :length],
-                             v_cache[:n, :, :length], mask)
+            o = self._attend(q.view(n, self.n_kv, self.n_rep, self.head_dim), i, window)
             o = o.reshape(n, self.n_heads * self.head_dim)
             x = self._out_and_mlp(layer, i, x, o, lora)
         return self.lm_head(self.norm(x))

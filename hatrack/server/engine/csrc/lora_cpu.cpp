@@ -163,4 +163,12 @@ void lora_decode(torch::Tensor x, torch::Tensor slots, torch::Tensor A, std::vec
   else dispatch<float, float>(x, slots, A, Bs, ys, rank);
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("lora_decode", &lora_decode, "LoRA term of a decode step, per-row adapters"); }
+// attention_cpu.cpp
+void attend_decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& lengths,
+                   at::Tensor& out, double scale, int64_t min_work);
+
+// The module holds both decode kernels (one build, one load).
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("lora_decode", &lora_decode, "LoRA term of a decode step, per-row adapters");
+  m.def("attend_decode", &attend_decode, "decode attention, each row over its own positions");
+}
