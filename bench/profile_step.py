@@ -208,6 +208,8 @@ def main() -> None:
         model, tokenizer = in_thread(basemodel.load_base, base_dir, args.quantize, "cpu")
         engine = Engine(model, tokenizer, max_loaded=N_ADAPTERS, max_batch=max(args.batch))
         instrument(engine, timers)
+        # before the engine thread starts: a second OpenMP pool would throttle both (threads.py)
+        ceilings = {batch: in_thread(linear_ceiling, engine, batch) for batch in args.batch}
         engine.start()
         try:
             specs = [AdapterSpec(f"a{i}", (lambda f=f: load_peft_adapter(f))) for i, f in enumerate(folders)]
@@ -217,7 +219,7 @@ def main() -> None:
             rows = []
             for batch in args.batch:
                 ps = prompts(tokenizer, batch)
-                ceiling = in_thread(linear_ceiling, engine, batch)
+                ceiling = ceilings[batch]
                 for label, jobs in (("base", [(p, None) for p in ps]),
                                     ("8 mixed", [(p, specs[i % N_ADAPTERS]) for i, p in enumerate(ps)])):
                     parts, prefill = profile(engine, timers, jobs, args.repeats)

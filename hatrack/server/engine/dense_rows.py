@@ -10,7 +10,8 @@ each row the same bits. A device whose matmul is already row-independent gets qu
 and no padding. Weight-only int8 projections (hatrack/weight_only_int8.py, `--quantize
 int8wo`) are probed the same way with their own product (torch's int8 kernel gave every row
 the same bits at 1..64 rows on AVX2, so quantum 1 there). bitsandbytes layers are not plain
-nn.Linear and keep their own forward (int8: int8_rows.py).
+nn.Linear and keep their own forward (int8: int8_rows.py). Packed bf16 projections
+(packed_linear.py) are probed with their own product too.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from hatrack import weight_only_int8
+from hatrack.server.engine import packed_linear
 
 log = logging.getLogger("hatrack.engine")
 
@@ -85,7 +87,10 @@ def pad_rows(modules, max_rows: int, dtype: torch.dtype = torch.float32) -> int:
         for module in root.modules():
             if type(module) is not torch.nn.Linear:
                 continue
-            if weight_only_int8.is_weight_only(module):
+            if packed_linear.is_packed(module):  # its weight is oneDNN's layout: its own product
+                product = getattr(module, "_unpadded_forward", module.forward)
+                q = row_quantum(module.weight, max_rows, product=product, x_dtype=module.weight.dtype, kind="packed")
+            elif weight_only_int8.is_weight_only(module):
                 # its own product, unpadded (a second engine on the same model finds it padded)
                 product = getattr(module, "_unpadded_forward", module.forward)
                 q = row_quantum(module.weight, max_rows, product=product, x_dtype=dtype, kind="int8wo")

@@ -33,6 +33,7 @@ from hatrack.server.engine.prefix_cache import PREFILL_CHUNK, PrefixCache
 from hatrack.server.engine.sampling import RowSampler, TokenLogprobs, check_knobs, pick_tokens
 from hatrack.server.engine import cpu_kernel as cpu_kernel_module
 from hatrack.server.engine.slots import KernelRows, LoraRows, RowBank, SlotBank, lora_dtype_for
+from hatrack.server.engine.threads import on_passing_thread
 from hatrack.server.engine.types import AdapterSpec, EngineStats, SamplingParams, TokenEvent
 
 log = logging.getLogger("hatrack.engine")
@@ -100,7 +101,9 @@ class Engine:
         self.tokenizer = tokenizer
         self.max_batch = max_batch
         self.max_waiting = max_waiting
-        self.runner = LlamaRunner(model, max_batch=max_batch, max_context=max_context, kv_cache_bytes=kv_cache_bytes)
+        # start-up work on a thread that exits: it leaves no OpenMP pool beside the engine's (threads.py)
+        self.runner = on_passing_thread(lambda: LlamaRunner(model, max_batch=max_batch, max_context=max_context,
+                                                            kv_cache_bytes=kv_cache_bytes))
         self.kv = self.runner.kv
         if prefix_cache_bytes is None:
             prefix_cache_bytes = min(DEFAULT_PREFIX_CACHE_BYTES, self.kv.budget_bytes // 4)
@@ -108,7 +111,8 @@ class Engine:
         kernel = cpu_kernel_module.load() if cpu_kernel and self.runner.device.type == "cpu" else None
         self.runner.attention_kernel = kernel
         lora_dtype = lora_dtype_for(self.runner.device, self.runner.dtype, cpu_kernel=kernel is not None)
-        self.bank = SlotBank(self.runner.layers, max_loaded, max_rank, lora_dtype, self.runner.device)
+        self.bank = on_passing_thread(
+            lambda: SlotBank(self.runner.layers, max_loaded, max_rank, lora_dtype, self.runner.device))
         self.rows: LoraRows = KernelRows(self.bank, kernel) if kernel else RowBank(self.bank, max_batch)
         # what the log says runs the per-row LoRA term
         self.lora_backend = "the compiled CPU kernel" if kernel else "torch ops"

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from hatrack.server.engine import packed_linear
 from hatrack.server.engine.dense_rows import pad_rows
 from hatrack.server.engine.errors import EngineError
 from hatrack.server.engine.int8_rows import make_rows_independent
@@ -117,6 +118,7 @@ class LlamaRunner:
         # base picks outlier columns per row (int8_rows.py), dense and weight-only int8
         # ones pad to a probed quantum (dense_rows.py)
         make_rows_independent(self.layers)
+        packed_linear.pack(self.layers, self.device, self.dtype)
         pad_rows([*self.layers, self.lm_head], max_batch, dtype=self.dtype)
 
     # ------------------------------------------------------------ forward

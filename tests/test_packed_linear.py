@@ -1,0 +1,74 @@
+"""bf16 projections packed in oneDNN's layout (packed_linear.py): the engine packs a bf16
+base on CPU, and a packed model answers with the same bits as before packing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hatrack.server.engine import Engine, packed_linear
+
+pytestmark = pytest.mark.skipif(not packed_linear.available(), reason="this torch has no oneDNN")
+
+
+def _bf16_model(folder):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() == 2:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.1)
+    return model.to(torch.bfloat16)
+
+
+def _projections(model) -> list[torch.nn.Linear]:
+    return [m for layer in model.model.layers for m in layer.modules() if isinstance(m, torch.nn.Linear)]
+
+
+def test_a_packed_model_gives_the_same_logits_and_keeps_its_modules(tiny_base_dir):
+    model = _bf16_model(tiny_base_dir)
+    ids = torch.tensor([[5, 17, 99, 3, 42, 7, 250, 11]])
+    with torch.no_grad():
+        before = model(ids).logits
+    packed = packed_linear.pack(model.model.layers, torch.device("cpu"), torch.bfloat16)
+    projections = _projections(model)
+    assert packed == len(projections) > 0
+    assert all(type(m) is torch.nn.Linear and m.weight.is_mkldnn for m in projections)
+    assert packed_linear.pack(model.model.layers, torch.device("cpu"), torch.bfloat16) == 0  # once only
+    with torch.no_grad():
+        after = model(ids).logits  # Hugging Face's own forward runs the packed products
+    assert torch.equal(before, after)
+
+
+def test_only_a_bf16_base_on_cpu_is_packed(tiny_base_dir):
+    model = _bf16_model(tiny_base_dir).float()
+    assert packed_linear.pack(model.model.layers, torch.device("cpu"), torch.float32) == 0
+    assert not any(m.weight.is_mkldnn for m in _projections(model))
+
+
+def _answer(model, tok, prompt) -> list[int]:
+    from hatrack.server.engine import SamplingParams
+
+    engine = Engine(model, tok, max_batch=4)
+    engine.start()
+    try:
+        return engine.submit(prompt, None, SamplingParams(max_tokens=12, temperature=0.0)).result(timeout=120)[0]
+    finally:
+        engine.stop()
+
+
+def test_the_engine_packs_a_bf16_base_and_answers_as_unpacked(tiny_base_dir, monkeypatch):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_base_dir)
+    prompt = tok("The weather in Paris is")["input_ids"]
+    packed_model = _bf16_model(tiny_base_dir)
+    got = _answer(packed_model, tok, prompt)
+    assert all(m.weight.is_mkldnn for m in _projections(packed_model))
+    monkeypatch.setattr(packed_linear, "pack", lambda *a: 0)
+    plain_model = _bf16_model(tiny_base_dir)
+    want = _answer(plain_model, tok, prompt)
+    assert not any(m.weight.is_mkldnn for m in _projections(plain_model))
+    assert got == want
