@@ -55,3 +55,35 @@ def test_probe_pads_to_what_leaves_fewest_rows_off_when_nothing_is_exact(caplog)
     with caplog.at_level("WARNING", logger="hatrack.engine"):
         assert dense_rows.row_quantum(weight, 32, product=messy, kind="test-messy") == 16
     assert "no row padding makes 40 x 24 test-messy" in caplog.text and "padding to 16" in caplog.text
+
+
+def test_a_probe_result_is_kept_on_disk_and_a_restart_skips_the_probe(tmp_path, monkeypatch):
+    from hatrack.server.engine import probe_cache
+
+    monkeypatch.setenv("HATRACK_KERNEL_CACHE", str(tmp_path))
+    weight = torch.randn(24, 40, generator=torch.Generator().manual_seed(4))
+    calls: list[int] = []
+
+    def counted(rows: torch.Tensor) -> torch.Tensor:
+        calls.append(rows.shape[0])
+        out = _each_row(rows, weight)
+        return out + 1e-3 if rows.shape[0] % 2 else out  # odd sizes are off: padding to 2
+
+    def restart() -> None:  # a new process: nothing remembered in memory
+        monkeypatch.setattr(dense_rows, "_probed", {})
+        monkeypatch.setattr(probe_cache, "_files", {})
+        calls.clear()
+
+    assert dense_rows.row_quantum(weight, 32, product=counted, kind="test-kept", on_disk=True) == 2
+    assert calls  # probed
+    [kept] = tmp_path.glob("row-probes-*.json")
+    restart()
+    assert dense_rows.row_quantum(weight, 32, product=counted, kind="test-kept", on_disk=True) == 2
+    assert calls == []  # read back, not probed
+    kept.write_text("{damaged")
+    restart()
+    assert dense_rows.row_quantum(weight, 32, product=counted, kind="test-kept", on_disk=True) == 2
+    assert calls  # a damaged file is probed again, and rewritten
+    restart()
+    assert dense_rows.row_quantum(weight, 32, product=counted, kind="test-kept", on_disk=True) == 2
+    assert calls == []

@@ -23,18 +23,21 @@ import torch
 import torch.nn.functional as F
 
 from hatrack import weight_only_int8
-from hatrack.server.engine import packed_linear
+from hatrack.server.engine import packed_linear, probe_cache
 
 log = logging.getLogger("hatrack.engine")
 
 QUANTA = (1, 2, 4, 8, 16)
 PROBE_ROWS = 256  # random rows each product size is checked on...
 PROBE_MACS = 8e9  # ...fewer for a large weight (the LM head), to keep start-up short
+# what a kept result depends on besides the CPU and torch (probe_cache.py): raise the version
+# when the probe changes
+PROBE_SETTINGS = f"version 2; quanta {QUANTA}; rows {PROBE_ROWS}; macs {PROBE_MACS}"
 _probed: dict[tuple, int] = {}  # (kind, device, dtype, in, out, rows, threads) -> quantum
 
 
 def row_quantum(weight: torch.Tensor, max_rows: int, product=None, x_dtype: torch.dtype | None = None,
-                kind: str = "linear") -> int:
+                kind: str = "linear", on_disk: bool = False) -> int:
     """The smallest quantum q of QUANTA such that a product over any multiple of q rows, up
     to max_rows rounded up, gives each row the bits it has in the largest product. Where no
     quantum does, the one under which the fewest rows disagree, with a warning (padding
@@ -46,7 +49,11 @@ def row_quantum(weight: torch.Tensor, max_rows: int, product=None, x_dtype: torc
     rows for a weight as large as the LM head), not on the first rows alone: a kernel whose
     rows disagree only now and then must be caught. Measured with oneDNN's bf16 kernels on
     an AVX-512 BF16 CPU: a 1-row product gives about one row in 30 other bits than the same
-    row among 2 or more, and the first row alone happened to agree."""
+    row among 2 or more, and the first row alone happened to agree.
+
+    on_disk: also look the result up in, and add it to, the probe results kept on disk for
+    this CPU and torch (probe_cache.py); for the engine's own products only, whose `kind`
+    names them exactly."""
     out_dim, in_dim = weight.shape
     x_dtype = x_dtype or weight.dtype
     if product is None:
@@ -54,6 +61,11 @@ def row_quantum(weight: torch.Tensor, max_rows: int, product=None, x_dtype: torc
             return F.linear(rows, weight)
     top = -(-max(max_rows, 1) // QUANTA[-1]) * QUANTA[-1]
     key = (kind, str(weight.device), x_dtype, in_dim, out_dim, top, torch.get_num_threads())
+    disk = probe_cache.path_for(PROBE_SETTINGS) if on_disk and weight.device.type == "cpu" else None
+    if key not in _probed and disk is not None:
+        kept = probe_cache.lookup(disk, repr(key))
+        if kept in QUANTA:
+            _probed[key] = kept
     if key not in _probed:
         affordable = int(PROBE_MACS // (in_dim * out_dim * max(top - 1, 1)))
         rows = max(top, min(PROBE_ROWS, affordable) // top * top)
@@ -75,6 +87,8 @@ def row_quantum(weight: torch.Tensor, max_rows: int, product=None, x_dtype: torc
                             "differ at each padding: %s); padding to %d, answers may depend on the batch",
                             in_dim, out_dim, kind, x_dtype, weight.device, off, found)
         _probed[key] = found
+        if disk is not None:
+            probe_cache.remember(disk, repr(key), found)
     return _probed[key]
 
 
@@ -89,13 +103,14 @@ def pad_rows(modules, max_rows: int, dtype: torch.dtype = torch.float32) -> int:
                 continue
             if packed_linear.is_packed(module):  # its weight is oneDNN's layout: its own product
                 product = getattr(module, "_unpadded_forward", module.forward)
-                q = row_quantum(module.weight, max_rows, product=product, x_dtype=module.weight.dtype, kind="packed")
+                q = row_quantum(module.weight, max_rows, product=product, x_dtype=module.weight.dtype, kind="packed",
+                                on_disk=True)
             elif weight_only_int8.is_weight_only(module):
                 # its own product, unpadded (a second engine on the same model finds it padded)
                 product = getattr(module, "_unpadded_forward", module.forward)
-                q = row_quantum(module.weight, max_rows, product=product, x_dtype=dtype, kind="int8wo")
+                q = row_quantum(module.weight, max_rows, product=product, x_dtype=dtype, kind="int8wo", on_disk=True)
             elif module.weight.is_floating_point():
-                q = row_quantum(module.weight.detach(), max_rows)
+                q = row_quantum(module.weight.detach(), max_rows, on_disk=True)
             else:
                 continue
             if q > 1:
