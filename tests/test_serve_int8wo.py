@@ -1,9 +1,13 @@
 """`hatrack serve --quantize int8wo`: a real server on the tiny model says it serves at
 precision int8wo, answers the base and an adapter, and warns once that an adapter scored
-at fp32 is served at int8wo. An unknown --quantize is refused with the choices."""
+at fp32 is served at int8wo. A bad --quantize, --dtype or --kv-cache-gb is refused in one
+`error:` line."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import httpx
@@ -47,11 +51,12 @@ def test_serves_base_and_adapter_at_int8wo_and_says_so(server):
     assert log.count("serving acme@1 at int8wo; its scores were measured at fp32") == 1, log[-2000:]
 
 
-def test_an_unknown_quantize_is_refused_with_the_choices(hatrack_home):
-    from typer.testing import CliRunner
-
-    from hatrack.cli.main import app
-
-    result = CliRunner().invoke(app, ["serve", "--quantize", "int4", "--no-auth"], env={"COLUMNS": "200"})
-    assert result.exit_code == 2
-    assert "expected auto, nf4, int8, int8wo, none; got 'int4'" in result.output
+@pytest.mark.parametrize(("args", "message"), [
+    (["--quantize", "int4"], "--quantize must be one of auto, nf4, int8, int8wo, none; got 'int4'"),
+    (["--dtype", "half"], "--dtype must be one of auto, float32, bfloat16; got 'half'"),
+    (["--kv-cache-gb", "0"], "--kv-cache-gb must be a positive number of GB; got 0.0"),
+])
+def test_a_bad_serve_option_is_refused_in_one_error_line(hatrack_home, args, message):
+    proc = subprocess.run([sys.executable, "-m", "hatrack.cli.main", "serve", *args, "--no-auth"],
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "HATRACK_HOME": str(hatrack_home)})
+    assert (proc.returncode, proc.stderr) == (1, f"error: {message}\n")

@@ -10,6 +10,7 @@ import typer
 import uvicorn
 
 from hatrack import settings
+from hatrack.errors import HatrackError
 
 
 class DrainingServer(uvicorn.Server):
@@ -84,16 +85,15 @@ def serve(
     from hatrack.precision import DTYPE_CHOICES, QUANTIZE_CHOICES
     from hatrack.server.app import ServeConfig, create_app
 
+    # one `error:` line each, as `hatrack eval --quantize` gives
     if quantize not in ("auto", *QUANTIZE_CHOICES):
-        raise typer.BadParameter(f"expected auto, {', '.join(QUANTIZE_CHOICES)}; got {quantize!r}",
-                                 param_hint="--quantize")
+        raise HatrackError(f"--quantize must be one of auto, {', '.join(QUANTIZE_CHOICES)}; got {quantize!r}")
     if dtype not in DTYPE_CHOICES:
-        raise typer.BadParameter(f"expected {', '.join(DTYPE_CHOICES)}; got {dtype!r}", param_hint="--dtype")
+        raise HatrackError(f"--dtype must be one of {', '.join(DTYPE_CHOICES)}; got {dtype!r}")
     if kv_cache_gb is not None and not kv_cache_gb > 0:
-        raise typer.BadParameter(f"expected a positive number of GB, got {kv_cache_gb}", param_hint="--kv-cache-gb")
+        raise HatrackError(f"--kv-cache-gb must be a positive number of GB; got {kv_cache_gb}")
     if prefix_cache_gb is not None and not prefix_cache_gb >= 0:
-        raise typer.BadParameter(f"expected 0 or a positive number of GB, got {prefix_cache_gb}",
-                                 param_hint="--prefix-cache-gb")
+        raise HatrackError(f"--prefix-cache-gb must be 0 or a positive number of GB; got {prefix_cache_gb}")
     config = ServeConfig(
         base=base, quantize=quantize, device=device, dtype=dtype, max_rank=max_rank or settings.max_rank(),
         max_loaded=max_loaded, max_host=max_host, max_batch=max_batch, max_waiting=max_waiting,
