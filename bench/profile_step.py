@@ -231,7 +231,7 @@ def main() -> None:
     lines = [f"decode step by part, ms (median of {args.repeats}); base {base_dir.name} ({args.quantize}), "
              f"{torch.get_num_threads()} threads, {cpu}, {datetime.now(timezone.utc):%Y-%m-%d}", "",
              "| batch | rows | step | " + " | ".join(PARTS) + " | linear ceiling | step / ceiling | prefill ms/token |",
-             "|---" * (len(PARTS) + 7) + "|"]
+             "|---" * (len(PARTS) + 6) + "|"]
     for batch, label, parts, prefill, ceiling in rows:
         cells = " | ".join(f"{parts.get(p, 0.0):.1f}" for p in PARTS)
         lines.append(f"| {batch} | {label} | {parts['step']:.1f} | {cells} | {ceiling:.1f} | "
