@@ -71,6 +71,22 @@ def test_a_rows_bits_do_not_depend_on_its_company(dtype):
         assert torch.equal(alone[0], together[i]), f"row {i} (length {n}) changed bits alone"
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_new_key_and_value_are_written_to_each_rows_last_position_first(dtype):
+    lengths = [1, 40, 129]
+    q, k, v = _inputs(len(lengths), dtype, seed=2)
+    gen = torch.Generator().manual_seed(3)
+    k_new, v_new = (torch.randn(len(lengths), KV, D, generator=gen).to(dtype) for _ in range(2))
+    written_k, written_v = k.clone(), v.clone()
+    for i, n in enumerate(lengths):
+        written_k[i, :, n - 1], written_v[i, :, n - 1] = k_new[i], v_new[i]
+    want = _attend(q, written_k, written_v, lengths)
+    out = torch.empty_like(q)
+    kernel.attend_decode(q, k, v, torch.tensor(lengths), out, SCALE, 1 << 18, k_new=k_new, v_new=v_new)
+    assert torch.equal(out, want)
+    assert torch.equal(k, written_k) and torch.equal(v, written_v)  # and nothing else moved
+
+
 def test_bad_input_is_refused_with_what_was_expected():
     q, k, v = _inputs(2, torch.float32)
     with pytest.raises(RuntimeError, match="outside its cache"):

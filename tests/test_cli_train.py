@@ -44,6 +44,7 @@ def no_torch(tmp_path: Path) -> dict:
     (("--eval-split", "1.5"), "error: --eval-split must be in [0, 1); got 1.5"),
     (("--quantize", "fp8"), "error: --quantize must be one of nf4, int8, int8wo, none; got 'fp8'"),
     (("--rank", "0"), "error: --rank must be at least 1; got 0"),
+    (("--dtype", "half"), "error: --dtype must be one of auto, float32, bfloat16; got 'half'"),
     (("--quantize", "int8wo"), "error: --quantize int8wo serves and evaluates only (its int8 kernel has no "
                                "backward); train with --quantize nf4, int8 or none (or leave it out)"),
 ])

@@ -65,6 +65,14 @@ def test_registered_version_carries_lineage_and_scores(registry, codes, hatrack_
     assert "eval:extra.jsonl" in json.dumps(info, default=str)
 
 
+@pytest.mark.parametrize(("dtype", "precision"), [("float32", "fp32"), ("bfloat16", "bf16")])
+def test_dtype_picks_the_compute_dtype_and_the_scores_say_so(registry, codes, dtype, precision):
+    out = train(_config(codes, dtype=dtype, quantize="none", max_steps=2), registry, progress=False)
+    rec = registry.get_version("codes", out.version)
+    assert rec.train_metrics["compute_dtype"] == dtype and rec.train_config["dtype"] == dtype
+    assert {s.precision for s in out.scores} == {precision}
+
+
 def test_resume_without_checkpoint_and_bad_config_are_refused(registry, codes):
     with pytest.raises(HatrackError, match=r"nothing to resume for codes"):
         train(_config(codes, resume=True), registry, progress=False)

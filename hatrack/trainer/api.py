@@ -23,6 +23,7 @@ from hatrack.registry import DatasetInfo, Registry, ScoreIn, parse_ref, validate
 from hatrack.trainer import data as data_mod
 from hatrack.chat_format import load_generation_config
 from hatrack.trainer.render import check_mask, encode, end_of_turn_ids
+from hatrack.precision import DTYPE_CHOICES
 from hatrack.trainer.runtime import check_quantize
 
 RUN_CONFIG = "hatrack-run.json"
@@ -50,6 +51,7 @@ class TrainConfig:
     lr: float = _opt(2e-4, "Learning rate.")
     targets: str = _opt("all-linear", "all-linear, or comma-separated module names.")
     quantize: str | None = _opt(None, "nf4 | int8 | none (default: best for this machine).")
+    dtype: str = _opt("auto", "Compute dtype: auto | float32 | bfloat16 (auto: bf16 where the device is fast at it).")
     seed: int = _opt(42, "Seed for the split, LoRA init and data order.")
     resume: bool = _opt(False, "Continue the interrupted run of this name and data.")
     save_steps: int | None = _opt(None, "Write a checkpoint every N steps.")
@@ -109,6 +111,8 @@ def _check_config(config: TrainConfig) -> None:
             raise HatrackError(message)
     if config.quantize is not None:
         check_quantize(config.quantize, training=True)
+    if config.dtype not in DTYPE_CHOICES:
+        raise HatrackError(f"--dtype must be one of {', '.join(DTYPE_CHOICES)}; got {config.dtype!r}")
     adapter_format.check_rank(config.rank, field_name="--rank")  # refused here, not after training
 
 
@@ -232,7 +236,7 @@ def _train(config: TrainConfig, registry: Registry, dataset: data_mod.Dataset, r
 
     from hatrack.trainer import evaluation, loop, runtime as rt
 
-    runtime = rt.choose_runtime(config.quantize)
+    runtime = rt.choose_runtime(config.quantize, config.dtype)
     if procs.distributed and runtime.device == "cuda":
         runtime = dataclasses.replace(runtime, device=f"cuda:{procs.local_rank}")
     tokenizer = AutoTokenizer.from_pretrained(base.path)

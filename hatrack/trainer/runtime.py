@@ -59,11 +59,14 @@ def bitsandbytes_works(device: str) -> bool:
         return False
 
 
-def choose_runtime(quantize: str | None) -> Runtime:
+def choose_runtime(quantize: str | None, dtype: str = "auto") -> Runtime:
     """`quantize=None` picks the best for this machine: NF4 (QLoRA) on CUDA where
-    bitsandbytes works, a dense base on CPU (faster there, see above)."""
+    bitsandbytes works, a dense base on CPU (faster there, see above). dtype: "auto" (the
+    device's fast dtype, basemodel.compute_dtype), "float32" or "bfloat16"."""
+    import torch
+
     device = basemodel.best_device()
-    dtype = basemodel.compute_dtype(device)
+    dtype = basemodel.compute_dtype(device) if dtype == "auto" else getattr(torch, dtype)
     if quantize is None:
         quantize = "nf4" if device.startswith("cuda") and bitsandbytes_works(device) else "none"
     check_quantize(quantize)

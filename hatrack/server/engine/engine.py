@@ -114,6 +114,7 @@ class Engine:
         self.bank = on_passing_thread(
             lambda: SlotBank(self.runner.layers, max_loaded, max_rank, lora_dtype, self.runner.device))
         self.rows: LoraRows = KernelRows(self.bank, kernel) if kernel else RowBank(self.bank, max_batch)
+        self.runner.token_lora = self.rows.apply_tokens if kernel else None
         # what the log says runs the per-row LoRA term
         self.lora_backend = "the compiled CPU kernel" if kernel else "torch ops"
         self.cache = AdapterCache(self.bank, max_host, on_ready=self._kick)

@@ -110,8 +110,10 @@ class LlamaRunner:
         )
         self._rows = torch.arange(max_batch, device=self.device)
         self._cols = torch.arange(self.kv.max_capacity, device=self.device)
-        # the compiled CPU decode kernels' module (cpu_kernel.py), set by the engine where built
+        # set by the engine where the CPU kernels were built: decode attention's module
+        # (cpu_kernel.py), and the prefill LoRA term per token (KernelRows.apply_tokens)
         self.attention_kernel = None
+        self.token_lora = None
         self._q_norm = [getattr(layer.self_attn, "q_norm", None) for layer in self.layers]
         self._k_norm = [getattr(layer.self_attn, "k_norm", None) for layer in self.layers]
         # a row's projections give the same bits whatever rows share the call: an int8
@@ -169,7 +171,16 @@ class LlamaRunner:
             bounds.append(bounds[-1] + n)
         spans = list(zip(bounds, bounds[1:]))
         runs = _slot_runs(segments, spans)
-        lora = (lambda i, g, x, outs: _apply_runs(bank, runs, i, g, x, outs)) if runs else (lambda *a: None)
+        if not runs:
+            lora = lambda *a: None  # noqa: E731
+        elif self.token_lora is not None:  # one kernel call per module group, every token its own slot
+            slots = torch.zeros(bounds[-1], dtype=torch.int64)
+            for slot, a, b in runs:
+                slots[a:b] = slot
+            groups = bank.groups_of([slot for slot, _, _ in runs])
+            lora = lambda i, g, x, outs: self.token_lora(slots, groups, i, g, x, outs)  # noqa: E731
+        else:
+            lora = lambda i, g, x, outs: _apply_runs(bank, runs, i, g, x, outs)  # noqa: E731
         ids = torch.tensor([t for s in segments for t in s.ids], device=self.device)
         pos = torch.cat([self._cols[s.start : s.start + n] for s, n in zip(segments, lengths)])
         x = self.embed(ids)
@@ -205,10 +216,12 @@ class LlamaRunner:
         last = [b - 1 for s, (_, b) in zip(segments, spans) if s.logits]
         return self.lm_head(self.norm(x[last]))
 
-    def _attend(self, q: torch.Tensor, i: int, window: _DecodeWindow) -> torch.Tensor:
+    def _attend(self, q: torch.Tensor, i: int, window: _DecodeWindow,
+                new: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """Decode attention of layer i for queries q [n, kv_heads, n_rep, d]. On CPU the
         compiled kernel (csrc/attention_cpu.cpp) where it was built: each row over its own
-        positions, in a fixed order, in one call. Otherwise on CPU the plain product,
+        positions, in a fixed order, in one call, which first writes `new` (the step's keys
+        and values, [n, kv_heads, d] each) to the cache. Otherwise on CPU the plain product,
         softmax, product, whose every row is its own batch entry and whose masked positions
         add exact zeros. torch's fused kernel gives a row other bits with another batch or
         window (measured: fp32 at 2 threads; bf16 on an AVX-512 BF16 CPU, where 1 of 99
@@ -217,8 +230,9 @@ class LlamaRunner:
         k_cache, v_cache = self.kv.k[i], self.kv.v[i]
         if self.attention_kernel is not None:
             out = torch.empty_like(q)
+            k_new, v_new = new if new is not None else (None, None)
             self.attention_kernel.attend_decode(q, k_cache, v_cache, window.lengths, out, self.scaling,
-                                                ATTENTION_MIN_WORK)
+                                                ATTENTION_MIN_WORK, k_new=k_new, v_new=v_new)
             return out
         k, v = k_cache[: window.n, :, : window.length], v_cache[: window.n, :, : window.length]
         if q.device.type != "cpu":
@@ -244,12 +258,16 @@ class LlamaRunner:
             q, k, v = self._qkv(layer, i, x, lora)
             q = self._rope(q, cos, sin)
             k = self._rope(k, cos, sin)
-            k_cache, v_cache = self.kv.k[i], self.kv.v[i]
-            k_cache[row_ids, :, pos] = k
-            v_cache[row_ids, :, pos] = v
+            if self.attention_kernel is None:
+                k_cache, v_cache = self.kv.k[i], self.kv.v[i]
+                k_cache[row_ids, :, pos] = k
+                v_cache[row_ids, :, pos] = v
+                new = None
+            else:  # the kernel writes them to the cache itself
+                new = (k, v)
             # GQA without copies: the n_rep query heads sharing a KV head become that
             # head's n_rep "query positions" (one token each, so no causal mask needed)
-            o = self._attend(q.view(n, self.n_kv, self.n_rep, self.head_dim), i, window)
+            o = self._attend(q.view(n, self.n_kv, self.n_rep, self.head_dim), i, window, new)
             o = o.reshape(n, self.n_heads * self.head_dim)
             x = self._out_and_mlp(layer, i, x, o, lora)
         return self.lm_head(self.norm(x))

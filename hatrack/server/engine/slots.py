@@ -318,8 +318,18 @@ class KernelRows:
 
     def apply(self, n: int, layer: int, group: str, x: torch.Tensor, outs: tuple[torch.Tensor, ...]) -> None:
         """outs[j] += each row's own LoRA term for module j of `group`; x is [n, in]."""
-        if group not in self._groups:
-            return
+        if group in self._groups:
+            self._run(self._row_slots, layer, group, x, outs)
+
+    def apply_tokens(self, slots: torch.Tensor, groups: frozenset[str], layer: int, group: str, x: torch.Tensor,
+                     outs: tuple[torch.Tensor, ...]) -> None:
+        """A prefill's LoRA term: outs[j] += token t's own slot's term, slots [T] int64 (0:
+        the base), `groups` the groups those slots touch. The kernel's per-row sums give a
+        token the same bits in any forward, as in decode."""
+        if group in groups:
+            self._run(slots, layer, group, x, outs)
+
+    def _run(self, slots: torch.Tensor, layer: int, group: str, x: torch.Tensor, outs: tuple[torch.Tensor, ...]) -> None:
         s = self.slots
         if self._views_rank != s.rank:
             self._views.clear()
@@ -330,4 +340,4 @@ class KernelRows:
             self._views[layer, group] = views
         if x.dtype != outs[0].dtype or x.stride(-1) != 1:
             x = x.to(outs[0].dtype).contiguous()
-        self.kernel.lora_decode(x, self._row_slots, views[0], views[1], list(outs), s.rank)
+        self.kernel.lora_decode(x, slots, views[0], views[1], list(outs), s.rank)

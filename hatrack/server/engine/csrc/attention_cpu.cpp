@@ -3,6 +3,9 @@
 //   q   [n, kv_heads, rep, d]   the rep query heads that share each KV head
 //   k,v [rows, kv_heads, cap, d] the KV cache; batch row i is cache row i
 //   lengths [n]                 row i attends to its positions 0..lengths[i]-1
+//   k_new, v_new [n, kv_heads, d] (optional) the new token's key and value, first written
+//                               to position lengths[i]-1 of row i (one op, not two
+//                               index_put calls a layer)
 //   out [n, kv_heads, rep, d]
 //
 // Each (row, KV head) pair is computed alone, over that row's positions only, with sums in
@@ -77,24 +80,28 @@ inline float exp_nonpositive(float x) {
 }
 
 template <typename T>
-void attend(const T* q, const T* k, const T* v, T* out, const int64_t* lengths, int64_t n, int64_t kv,
-            int64_t rep, int64_t d, const int64_t ks[3], const int64_t vs[3], float scale, int64_t min_work) {
+void attend(const T* q, T* k, T* v, T* out, const int64_t* lengths, int64_t n, int64_t kv, int64_t rep, int64_t d,
+            const int64_t ks[3], const int64_t vs[3], float scale, int64_t min_work, const T* k_new,
+            const T* v_new) {
   int64_t longest = 0;
   for (int64_t i = 0; i < n; ++i) longest = std::max(longest, lengths[i]);
   // at least min_work query-key products per thread: below it, waking another thread costs
   // more than it saves
   const int64_t grain = std::max<int64_t>(1, min_work / std::max<int64_t>(1, longest * rep * d));
   at::parallel_for(0, n * kv, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> qf(rep * d), s(rep * longest), acc(rep * d);
+    std::vector<float> qf(rep * d), s(rep * longest), acc(rep * d), total(rep);
     for (int64_t p = begin; p < end; ++p) {
       const int64_t i = p / kv, h = p % kv, len = lengths[i];
-      const T* kp = k + i * ks[0] + h * ks[1];
-      const T* vp = v + i * vs[0] + h * vs[1];
+      T* kp = k + i * ks[0] + h * ks[1];
+      T* vp = v + i * vs[0] + h * vs[1];
+      if (k_new != nullptr) {  // this pair's new position, before it is read
+        std::memcpy(kp + (len - 1) * ks[2], k_new + p * d, d * sizeof(T));
+        std::memcpy(vp + (len - 1) * vs[2], v_new + p * d, d * sizeof(T));
+      }
       const T* qp = q + p * rep * d;
       for (int64_t c = 0; c < rep * d; ++c) qf[c] = widen(qp[c]);
       for (int64_t t = 0; t < len; ++t)
         for (int64_t r = 0; r < rep; ++r) s[r * len + t] = dot(qf.data() + r * d, kp + t * ks[2], d) * scale;
-      std::vector<float> total(rep);
       for (int64_t r = 0; r < rep; ++r) {
         float* sr = s.data() + r * len;
         float top = -INFINITY;
@@ -125,7 +132,8 @@ void attend(const T* q, const T* k, const T* v, T* out, const int64_t* lengths, 
 }  // namespace
 
 void attend_decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& lengths,
-                   at::Tensor& out, double scale, int64_t min_work) {
+                   at::Tensor& out, double scale, int64_t min_work, const c10::optional<at::Tensor>& k_new,
+                   const c10::optional<at::Tensor>& v_new) {
   TORCH_CHECK(q.dim() == 4 && q.is_contiguous(), "q must be a contiguous [n, kv_heads, rep, d]");
   TORCH_CHECK(out.sizes() == q.sizes() && out.is_contiguous() && out.scalar_type() == q.scalar_type(),
               "out must be like q");
@@ -139,15 +147,25 @@ void attend_decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
   const int64_t* len = lengths.data_ptr<int64_t>();
   for (int64_t i = 0; i < n; ++i)
     TORCH_CHECK(len[i] >= 1 && len[i] <= k.size(2), "a row's length is outside its cache");
+  TORCH_CHECK(k_new.has_value() == v_new.has_value(), "k_new and v_new come together");
+  if (k_new.has_value()) {
+    for (const at::Tensor* t : {&*k_new, &*v_new})
+      TORCH_CHECK(t->dim() == 3 && t->is_contiguous() && t->size(0) == n && t->size(1) == kv && t->size(2) == d &&
+                      t->scalar_type() == q.scalar_type(),
+                  "k_new and v_new must be contiguous [n, kv_heads, d] in q's dtype");
+  }
   const int64_t ks[3] = {k.stride(0), k.stride(1), k.stride(2)}, vs[3] = {v.stride(0), v.stride(1), v.stride(2)};
   const float sc = static_cast<float>(scale);
   if (q.scalar_type() == at::kBFloat16) {
-    attend<uint16_t>(reinterpret_cast<const uint16_t*>(q.data_ptr()), reinterpret_cast<const uint16_t*>(k.data_ptr()),
-                     reinterpret_cast<const uint16_t*>(v.data_ptr()), reinterpret_cast<uint16_t*>(out.data_ptr()),
-                     len, n, kv, rep, d, ks, vs, sc, min_work);
+    using B = uint16_t;
+    attend<B>(reinterpret_cast<const B*>(q.data_ptr()), reinterpret_cast<B*>(k.data_ptr()),
+              reinterpret_cast<B*>(v.data_ptr()), reinterpret_cast<B*>(out.data_ptr()), len, n, kv, rep, d, ks, vs,
+              sc, min_work, k_new ? reinterpret_cast<const B*>(k_new->data_ptr()) : nullptr,
+              v_new ? reinterpret_cast<const B*>(v_new->data_ptr()) : nullptr);
   } else {
     TORCH_CHECK(q.scalar_type() == at::kFloat, "decode attention takes float32 or bfloat16");
     attend<float>(q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(), out.data_ptr<float>(), len, n, kv,
-                  rep, d, ks, vs, sc, min_work);
+                  rep, d, ks, vs, sc, min_work, k_new ? k_new->data_ptr<float>() : nullptr,
+                  v_new ? v_new->data_ptr<float>() : nullptr);
   }
 }

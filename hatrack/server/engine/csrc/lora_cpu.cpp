@@ -165,10 +165,13 @@ void lora_decode(torch::Tensor x, torch::Tensor slots, torch::Tensor A, std::vec
 
 // attention_cpu.cpp
 void attend_decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& lengths,
-                   at::Tensor& out, double scale, int64_t min_work);
+                   at::Tensor& out, double scale, int64_t min_work, const c10::optional<at::Tensor>& k_new,
+                   const c10::optional<at::Tensor>& v_new);
 
 // The module holds both decode kernels (one build, one load).
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lora_decode", &lora_decode, "LoRA term of a decode step, per-row adapters");
-  m.def("attend_decode", &attend_decode, "decode attention, each row over its own positions");
+  m.def("attend_decode", &attend_decode, "decode attention, each row over its own positions", py::arg("q"),
+        py::arg("k"), py::arg("v"), py::arg("lengths"), py::arg("out"), py::arg("scale"), py::arg("min_work"),
+        py::arg("k_new") = py::none(), py::arg("v_new") = py::none());
 }
