@@ -198,7 +198,8 @@ def pick_tokens(logits: torch.Tensor, rows: list[RowSampler]) -> tuple[list[int]
     asked for them. Every row's token is picked on the logits' device (one argmax for
     the plain greedy rows, a draw per sampled row with its own generator) and read back
     in one transfer: on CUDA a step waits for the device once, not once per row."""
-    tokens = logits.argmax(dim=-1)
+    # bf16 -> fp32 is exact and torch's fp32 argmax is ~2x faster on CPU (same first maximum)
+    tokens = (logits.float() if logits.dtype == torch.bfloat16 else logits).argmax(dim=-1)
     knob = [i for i, row in enumerate(rows) if row.knobs]
     if knob:
         index = torch.tensor(knob, device=logits.device)
