@@ -40,3 +40,17 @@ def test_setup_pins_the_cpu_torch_and_installs_the_default_base_without_deps():
 def test_compose_mounts_home_and_checks_ready():
     text = (REPO / "docker" / "compose.yaml").read_text()
     assert "/data" in text and "HATRACK_HOME" in text and "/ready" in text
+
+
+def test_the_package_ships_every_kernel_source_the_build_reads():
+    import fnmatch
+    import tomllib
+
+    from hatrack.server.engine import cpu_kernel
+
+    shipped = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["hatrack"]
+    for path in (*cpu_kernel.SOURCES, *cpu_kernel.HEADERS):
+        rel = path.resolve().relative_to(REPO / "hatrack").as_posix()
+        assert any(fnmatch.fnmatch(rel, pattern) for pattern in shipped), f"{rel} is not in the package data"
+    on_disk = {p.name for p in (REPO / "hatrack/server/engine/csrc").iterdir()}
+    assert on_disk == {p.name for p in (*cpu_kernel.SOURCES, *cpu_kernel.HEADERS)}  # none left out of the build

@@ -25,6 +25,7 @@ from typing import Any
 log = logging.getLogger("hatrack.engine")
 
 SOURCES = tuple(Path(__file__).with_name("csrc") / name for name in ("lora_cpu.cpp", "attention_cpu.cpp"))
+HEADERS = (Path(__file__).with_name("csrc") / "bf16.h",)  # copied beside the sources, part of the build's name
 # -fopenmp: at::parallel_for is OpenMP in torch's CPU builds (without it the kernel runs on
 # one thread); the module then binds to the libgomp torch has already loaded.
 CFLAGS = ["-O3", "-march=native", "-fopenmp"]
@@ -60,7 +61,7 @@ def build_name() -> str:
     digest = hashlib.sha256()
     # torch's install path too: two environments with one torch version build with other
     # include paths, and sharing a folder would rebuild it at every switch
-    sources = (s.read_bytes() for s in SOURCES)
+    sources = (s.read_bytes() for s in (*SOURCES, *HEADERS))
     for part in (*sources, torch.__version__.encode(), os.path.dirname(torch.__file__).encode(),
                  " ".join(CFLAGS).encode(), _cpu_signature().encode()):
         digest.update(part)
@@ -82,6 +83,8 @@ def load() -> Any | None:
             folder = cache_dir() / name
             folder.mkdir(parents=True, exist_ok=True)
             with _build_lock(folder):
+                for header in HEADERS:
+                    _stable_source(folder, header)
                 sources = [str(_stable_source(folder, s)) for s in SOURCES]
                 module = build(name=name, sources=sources, extra_cflags=CFLAGS, extra_ldflags=LDFLAGS,
                                build_directory=str(folder), verbose=False)

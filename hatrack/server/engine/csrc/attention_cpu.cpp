@@ -22,26 +22,12 @@
 #include <cstring>
 #include <vector>
 
+#include "bf16.h"
+
 namespace {
 
-inline float widen(float v) { return v; }
-inline float widen(uint16_t h) {
-  uint32_t u = static_cast<uint32_t>(h) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
-inline void store(float* y, float v) { *y = v; }
-inline void store(uint16_t* y, float f) {  // round to nearest even, as torch does
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof u);
-  if ((u & 0x7fffffffu) > 0x7f800000u) {
-    *y = 0x7fc0;
-    return;
-  }
-  u += 0x7fffu + ((u >> 16) & 1u);
-  *y = static_cast<uint16_t>(u >> 16);
-}
+using hatrack_bf16::store;
+using hatrack_bf16::widen;
 
 constexpr int LANES = 16;
 

@@ -16,23 +16,12 @@
 #include <cstring>
 #include <vector>
 
+#include "bf16.h"
+
 namespace {
 
-inline float widen(float v) { return v; }
-inline float widen(uint16_t h) {
-  uint32_t u = static_cast<uint32_t>(h) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
-
-inline uint16_t narrow_bf16(float f) {  // round to nearest even, as torch does
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof u);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;  // NaN
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return static_cast<uint16_t>(u >> 16);
-}
+using hatrack_bf16::narrow_bf16;
+using hatrack_bf16::widen;
 
 inline void add_to(float* y, int64_t o, float v) { y[o] += v; }
 inline void add_to(uint16_t* y, int64_t o, float v) { y[o] = narrow_bf16(widen(y[o]) + v); }
