@@ -98,6 +98,22 @@ def hatrack_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return home
 
 
+def randomized_tiny(folder: Path):
+    """The tiny model (fp32, eval mode) with larger random weights than its init (seed
+    1234, std 0.15), so greedy answers vary from token to token and differ per adapter: a
+    stricter comparison than the init's near-uniform logits."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    gen = torch.Generator().manual_seed(1234)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() == 2:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.15)
+    return model
+
+
 def write_peft_adapter(
     base_dir: Path,
     out_dir: Path,

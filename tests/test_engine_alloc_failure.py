@@ -13,7 +13,7 @@ import json
 import pytest
 import torch
 
-from conftest import write_peft_adapter
+from conftest import randomized_tiny, write_peft_adapter
 from hatrack.registry.records import ResolvedModel
 from hatrack.server.catalog import Target
 from hatrack.server.completions import CHAT, Job, Runner
@@ -35,17 +35,9 @@ def greedy(n: int = 16) -> SamplingParams:
 
 @pytest.fixture(scope="module")
 def tiny(tiny_base_dir):
-    """The tiny model with larger random weights, so greedy answers vary per token and
-    per adapter (a stricter comparison)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_base_dir, dtype=torch.float32).eval()
-    gen = torch.Generator().manual_seed(1234)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.dim() == 2:
-                param.copy_(torch.randn(param.shape, generator=gen) * 0.15)
-    return model, AutoTokenizer.from_pretrained(tiny_base_dir)
+    return randomized_tiny(tiny_base_dir), AutoTokenizer.from_pretrained(tiny_base_dir)
 
 
 @pytest.fixture(scope="module")

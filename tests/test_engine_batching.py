@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TEST_DEVICE, write_peft_adapter
+from conftest import TEST_DEVICE, randomized_tiny, write_peft_adapter
 from hatrack.errors import HatrackError
 from hatrack.server.engine import (
     AdapterSpec,
@@ -26,17 +26,7 @@ PROMPTS = ["The weather in Paris is", "def fibonacci(n):", "Dear customer, thank
 
 
 def _load_tiny(folder: Path):
-    """The tiny model with larger random weights than its init, so greedy answers vary
-    from token to token and differ per adapter (a stricter comparison)."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    gen = torch.Generator().manual_seed(1234)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if param.dim() == 2:
-                param.copy_(torch.randn(param.shape, generator=gen) * 0.15)
-    return model.to(TEST_DEVICE)
+    return randomized_tiny(folder).to(TEST_DEVICE)
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import write_peft_adapter
+from conftest import randomized_tiny, write_peft_adapter
 from hatrack import basemodel
 from hatrack.server.engine import AdapterSpec, Engine, SamplingParams, load_peft_adapter
 from hatrack.server.engine.int8_rows import make_rows_independent
@@ -33,15 +33,12 @@ def base_dir(tiny_base_dir, tmp_path_factory) -> Path:
     """The tiny model saved with large random weights (greedy answers vary per token and
     per adapter) and norm weights of 3, so that activations reach LLM.int8's outlier
     threshold (6) in a few columns of each row, different columns in different rows."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_base_dir, dtype=torch.float32)
-    gen = torch.Generator().manual_seed(1234)
+    model = randomized_tiny(tiny_base_dir)
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if param.dim() == 2:
-                param.copy_(torch.randn(param.shape, generator=gen) * 0.15)
-            elif "layernorm" in name:
+            if "layernorm" in name:
                 param.fill_(3.0)
     folder = tmp_path_factory.mktemp("base") / "tiny-outliers"
     model.save_pretrained(folder)

@@ -11,7 +11,7 @@ import warnings
 import pytest
 import torch
 
-from conftest import TEST_DEVICE, write_peft_adapter
+from conftest import TEST_DEVICE, randomized_tiny, write_peft_adapter
 from hatrack.server.engine import AdapterSpec, Engine, InvalidRequestError, SamplingParams, load_peft_adapter
 
 PROMPT_TEXT = "Dear customer, thank you for"
@@ -38,16 +38,10 @@ class FixedAnswer:
 
 @pytest.fixture(scope="module")
 def tiny(tiny_base_dir):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_base_dir, dtype=torch.float32).eval()
-    gen = torch.Generator().manual_seed(1234)
-    with torch.no_grad():  # larger weights than the init: answers vary from token to token
-        for param in model.parameters():
-            if param.dim() == 2:
-                param.copy_(torch.randn(param.shape, generator=gen) * 0.15)
     tok = AutoTokenizer.from_pretrained(tiny_base_dir)
-    return model.to(TEST_DEVICE), tok, tok(PROMPT_TEXT)["input_ids"]
+    return randomized_tiny(tiny_base_dir).to(TEST_DEVICE), tok, tok(PROMPT_TEXT)["input_ids"]
 
 
 @pytest.fixture(scope="module")

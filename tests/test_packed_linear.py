@@ -6,21 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import randomized_tiny
 from hatrack.server.engine import Engine, packed_linear
 
 pytestmark = pytest.mark.skipif(not packed_linear.available(), reason="this torch has no oneDNN")
 
 
 def _bf16_model(folder):
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    gen = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.dim() == 2:
-                param.copy_(torch.randn(param.shape, generator=gen) * 0.1)
-    return model.to(torch.bfloat16)
+    return randomized_tiny(folder).to(torch.bfloat16)
 
 
 def _projections(model) -> list[torch.nn.Linear]:
