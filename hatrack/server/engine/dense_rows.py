@@ -101,14 +101,12 @@ def pad_rows(modules, max_rows: int, dtype: torch.dtype = torch.float32) -> int:
         for module in root.modules():
             if type(module) is not torch.nn.Linear:
                 continue
-            if packed_linear.is_packed(module):  # its weight is oneDNN's layout: its own product
-                product = getattr(module, "_unpadded_forward", module.forward)
-                q = row_quantum(module.weight, max_rows, product=product, x_dtype=module.weight.dtype, kind="packed",
-                                on_disk=True)
-            elif weight_only_int8.is_weight_only(module):
+            packed = packed_linear.is_packed(module)  # a weight in oneDNN's layout
+            if packed or weight_only_int8.is_weight_only(module):
                 # its own product, unpadded (a second engine on the same model finds it padded)
                 product = getattr(module, "_unpadded_forward", module.forward)
-                q = row_quantum(module.weight, max_rows, product=product, x_dtype=dtype, kind="int8wo", on_disk=True)
+                kind, x_dtype = ("packed", module.weight.dtype) if packed else ("int8wo", dtype)
+                q = row_quantum(module.weight, max_rows, product=product, x_dtype=x_dtype, kind=kind, on_disk=True)
             elif module.weight.is_floating_point():
                 q = row_quantum(module.weight.detach(), max_rows, on_disk=True)
             else:

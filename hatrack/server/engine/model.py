@@ -256,8 +256,9 @@ class LlamaRunner:
         pos = torch.tensor(positions, device=self.device)
         row_ids = self._rows[:n]
         # torch ops attend to positions 0..pos[r] of row r; the rest of the window is masked
-        mask = None if self.attention_kernel is not None else (self._cols[None, :length] <= pos[:, None])
-        window = _DecodeWindow(n, pos + 1, length, None if mask is None else mask.view(n, 1, 1, length))
+        mask = None if self.attention_kernel is not None else (
+            (self._cols[None, :length] <= pos[:, None]).view(n, 1, 1, length))
+        window = _DecodeWindow(n, pos + 1, length, mask)
         x = self.embed(tok)
         cos, sin = self.rotary(x[:, None], pos[:, None])  # [n, 1, head_dim]
         sin = _signed_sin(sin)
