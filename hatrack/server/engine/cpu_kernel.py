@@ -14,6 +14,7 @@ falls back to torch ops and says so once in the log; HATRACK_CPU_KERNEL=0 turns 
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import logging
 import os
@@ -43,16 +44,22 @@ def cache_dir() -> Path:
     return Path(base) / "hatrack" / "kernels"
 
 
-def _cpu_signature() -> str:
-    """-march=native code only runs on the CPU it was built for: key the build by it."""
+@functools.cache  # read once a process: the row-padding probe asks for every projection
+def cpu_description(fields: tuple[str, ...] = ("flags",)) -> str:
+    """The first CPU's /proc/cpuinfo lines that start with `fields`. The flags alone key a
+    -march=native build (its code runs on the CPU it was built for); probe_cache.py also
+    keys by model and cache size, which decide the kernels a BLAS picks."""
+    lines = []
     try:
         with open("/proc/cpuinfo") as info:
             for line in info:
-                if line.startswith("flags"):
-                    return line
+                if not line.strip():
+                    break  # the first CPU only
+                if line.startswith(fields):
+                    lines.append(line.strip())
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return "\n".join(lines) or platform.processor() or platform.machine()
 
 
 def build_name() -> str:
@@ -63,7 +70,7 @@ def build_name() -> str:
     # include paths, and sharing a folder would rebuild it at every switch
     sources = (s.read_bytes() for s in (*SOURCES, *HEADERS))
     for part in (*sources, torch.__version__.encode(), os.path.dirname(torch.__file__).encode(),
-                 " ".join(CFLAGS).encode(), _cpu_signature().encode()):
+                 " ".join(CFLAGS).encode(), cpu_description().encode()):
         digest.update(part)
     return f"hatrack_lora_cpu_{digest.hexdigest()[:16]}"
 

@@ -24,31 +24,14 @@ _lock = threading.Lock()
 _files: dict[str, dict[str, int]] = {}  # path -> its results, as read or written
 
 
-def _cpu_description() -> str:
-    """The /proc/cpuinfo lines that decide which kernels a BLAS picks, for the first CPU."""
-    wanted = ("model name", "cpu family", "model\t", "flags", "cache size")
-    lines = []
-    try:
-        with open("/proc/cpuinfo") as info:
-            for line in info:
-                if not line.strip():
-                    break  # the first CPU only
-                if line.startswith(wanted):
-                    lines.append(line.strip())
-    except OSError:
-        import platform
-
-        lines.append(platform.processor() or platform.machine())
-    return "\n".join(lines)
-
-
 def path_for(probe_settings: str) -> Path:
     import torch
 
     from hatrack.server.engine import cpu_kernel
 
     digest = hashlib.sha256()
-    for part in (_cpu_description(), torch.__version__, probe_settings):
+    cpu = cpu_kernel.cpu_description(("model name", "cpu family", "model\t", "flags", "cache size"))
+    for part in (cpu, torch.__version__, probe_settings):
         digest.update(part.encode())
         digest.update(b"\0")
     return cpu_kernel.cache_dir() / f"row-probes-{digest.hexdigest()[:16]}.json"
