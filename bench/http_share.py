@@ -38,7 +38,6 @@ import os
 import shutil
 import statistics
 import sys
-import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -48,7 +47,7 @@ sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO))  # this checkout's hatrack, here and in the server process
 
 from engine import in_thread  # noqa: E402  (bench/engine.py)
-from serve import cpu_name, make_adapters, report  # noqa: E402  (bench/serve.py)
+from serve import cpu_name, make_adapters, report, scratch_home  # noqa: E402  (bench/serve.py)
 from side_by_side import N_ADAPTERS, write_json  # noqa: E402  (bench/side_by_side.py)
 
 # open-ended asks, so a greedy answer runs to the token limit rather than ending early: on
@@ -263,12 +262,8 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     started = datetime.now(timezone.utc)
-    home = Path(tempfile.mkdtemp(prefix="hatrack-http-share-"))
+    home = scratch_home("http-share")
     print(f"registry and server logs in {home}", file=sys.stderr, flush=True)
-    os.environ["HATRACK_HOME"] = str(home)
-    os.environ.pop("HATRACK_DB_URL", None)
-    # the converted default base is shared with the test suite's cache (converted once)
-    os.environ.setdefault("HATRACK_BASES_DIR", str(REPO / ".test-cache" / "bases"))
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
 
     from hatrack import basemodel

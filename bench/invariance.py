@@ -16,7 +16,6 @@ import concurrent.futures as cf
 import os
 import random
 import sys
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -58,12 +57,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="write the table to this file too")
     args = parser.parse_args()
 
-    home = Path(tempfile.mkdtemp(prefix="hatrack-invariance-"))
-    os.environ["HATRACK_HOME"] = str(home)
-    os.environ.pop("HATRACK_DB_URL", None)
-    os.environ.setdefault("HATRACK_BASES_DIR", str(HERE.parent / ".test-cache" / "bases"))
+    from serve import cpu_name, make_adapters, report, scratch_home
+
+    home = scratch_home("invariance")
     from conftest import write_peft_adapter
-    from serve import cpu_name, make_adapters, report
     from serving import ServerProcess
 
     from hatrack import basemodel

@@ -26,7 +26,6 @@ import platform
 import random
 import statistics
 import sys
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -92,12 +91,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
 
-    home = Path(tempfile.mkdtemp(prefix="hatrack-precision-"))
-    os.environ["HATRACK_HOME"] = str(home)
-    os.environ.pop("HATRACK_DB_URL", None)
-    os.environ.setdefault("HATRACK_BASES_DIR", str(HERE.parent / ".test-cache" / "bases"))
+    from serve import cpu_name, drive, report, scratch_home
 
-    from serve import cpu_name, drive, report
+    home = scratch_home("precision")
     from serving import ServerProcess
 
     from hatrack import basemodel

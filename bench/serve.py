@@ -30,6 +30,17 @@ QUESTION = "Write one sentence about bicycles and banks."
 NEW_TOKENS = 32
 
 
+def scratch_home(name: str) -> Path:
+    """A fresh HATRACK_HOME for one benchmark run, set in this process's environment (its
+    servers inherit it): a SQLite registry there, never the user's HATRACK_DB_URL, and the
+    default base converted once into the test suite's cache."""
+    home = Path(tempfile.mkdtemp(prefix=f"hatrack-{name}-"))
+    os.environ["HATRACK_HOME"] = str(home)
+    os.environ.pop("HATRACK_DB_URL", None)
+    os.environ.setdefault("HATRACK_BASES_DIR", str(Path(__file__).resolve().parent.parent / ".test-cache" / "bases"))
+    return home
+
+
 def make_adapters(base_dir: Path, out: Path, n: int) -> list[Path]:
     from conftest import write_peft_adapter
 
@@ -171,11 +182,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
 
-    home = Path(tempfile.mkdtemp(prefix="hatrack-bench-"))
-    os.environ["HATRACK_HOME"] = str(home)
-    os.environ.pop("HATRACK_DB_URL", None)
-    # the converted default base is shared with the test suite's cache (converted once)
-    os.environ.setdefault("HATRACK_BASES_DIR", str(Path(__file__).resolve().parent.parent / ".test-cache" / "bases"))
+    home = scratch_home("bench")
     from serving import ServerProcess
 
     from hatrack import basemodel

@@ -34,7 +34,6 @@ import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -46,7 +45,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO))  # this checkout's hatrack, here and in every process started
 
-from serve import QUESTION, cpu_name, make_adapters, report  # noqa: E402  (bench/serve.py)
+from serve import QUESTION, cpu_name, make_adapters, report, scratch_home  # noqa: E402  (bench/serve.py)
 from serving import free_port  # noqa: E402  (tests/serving.py)
 
 N_ADAPTERS = 8
@@ -316,12 +315,8 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     started = datetime.now(timezone.utc)
-    home = Path(tempfile.mkdtemp(prefix="hatrack-sbs-"))
+    home = scratch_home("sbs")
     print(f"registry and server logs in {home}", file=sys.stderr, flush=True)
-    os.environ["HATRACK_HOME"] = str(home)
-    os.environ.pop("HATRACK_DB_URL", None)
-    # the converted default base is shared with the test suite's cache (converted once)
-    os.environ.setdefault("HATRACK_BASES_DIR", str(REPO / ".test-cache" / "bases"))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
 
     from hatrack import basemodel
