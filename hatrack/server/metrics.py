@@ -34,9 +34,13 @@ class _EngineTotals(Collector):
                                   value=s.tokens_generated if s else 0)
         yield CounterMetricFamily("hatrack_engine_decode_steps", "Decode steps run since start",
                                   value=s.steps if s else 0)
-        yield CounterMetricFamily("hatrack_engine_decode_seconds", "Time spent in decode steps since start",
+        yield CounterMetricFamily("hatrack_engine_fused_steps",
+                                  "Decode steps that also prefilled newly arrived prompts, in the same forward",
+                                  value=s.fused_steps if s else 0)
+        yield CounterMetricFamily("hatrack_engine_decode_seconds",
+                                  "Time spent in decode steps since start (prompts prefilled in them included)",
                                   value=s.decode_seconds if s else 0.0)
-        yield CounterMetricFamily("hatrack_engine_prefill_seconds", "Time spent prefilling prompts since start",
+        yield CounterMetricFamily("hatrack_engine_prefill_seconds", "Time spent prefilling prompts in forwards of their own since start",
                                   value=s.prefill_seconds if s else 0.0)
         yield CounterMetricFamily("hatrack_engine_prefill_tokens", "Prompt tokens prefilled since start",
                                   value=s.prefill_tokens if s else 0)

@@ -129,6 +129,7 @@ class Engine:
         self._deadline: float | None = None  # set by stop()
         self._thread: threading.Thread | None = None
         self._steps = 0
+        self._fused_steps = 0  # steps that also prefilled prompts (_fused_step)
         self._tokens_generated = 0
         self._prefill_tokens = 0
         self._prefill_seconds = 0.0
@@ -236,6 +237,7 @@ class Engine:
             adapter_load_seconds=list(self.cache.load_seconds),
             adapter_loads_total=self.cache.loads_total,
             steps=self._steps,
+            fused_steps=self._fused_steps,
             tokens_generated=self._tokens_generated,
             host_adapters=self.cache.host_keys(),
             prefill_tokens=self._prefill_tokens,
@@ -304,10 +306,13 @@ class Engine:
                     return
                 try:
                     self._reap_cancelled()
-                    admitted = self._admit()
-                    self._grow_for_decode()
-                    if self._running:
-                        self._decode_step()
+                    admitted, fresh, budget = self._admit()
+                    if not self._fused_step(fresh):
+                        if fresh or self._partial is not None:
+                            self._prefill(fresh, budget)
+                        self._grow_for_decode()
+                        if self._running:
+                            self._decode_step()
                     blocked = not self._running and not admitted and bool(self._waiting)
                 except Exception as exc:  # a bug or out-of-memory: fail what ran, keep serving
                     log.exception("engine step failed")
@@ -350,16 +355,17 @@ class Engine:
                 self._finish(self._running[i], "cancelled")
             self._remove_rows(done)
 
-    def _admit(self) -> int:
-        """Start waiting requests in arrival order while rows and KV cache are free, then
-        prefill them together. A request whose adapter is still loading (or finds every
+    def _admit(self) -> tuple[int, list[_Sequence], int]:
+        """Start waiting requests in arrival order while rows and KV cache are free, to be
+        prefilled together. A request whose adapter is still loading (or finds every
         slot pinned) waits without blocking the ones behind it. One whose prompt does not
         fit the free KV cache waits and holds back the ones behind it, so long prompts are
         not starved by short ones. A prompt longer than this iteration's token budget is
         prefilled a few chunks per iteration (the partial one, one at a time), so running
         answers keep decoding meanwhile. A request that fails to start (its adapter, out
         of memory) ends with its error; the others go on. Returns how many requests were
-        started or moved on."""
+        started or moved on, the started ones to prefill whole (in the cache rows after
+        the running ones, in order) and the prompt tokens this iteration's budget leaves."""
         budget = self.prefill_budget
         partial = self._partial
         reserved = self._rows_of(partial) if partial else 0  # the partial's rows, taken when it joins
@@ -410,9 +416,7 @@ class Engine:
             # whatever happened, every request not admitted or finished waits on
             keep.extend(self._waiting)
             self._waiting = keep
-        if fresh or self._partial is not None:
-            self._prefill(fresh, max(budget, 0))
-        return len(fresh) + (self._partial is not None or partial is not None)
+        return len(fresh) + (self._partial is not None or partial is not None), fresh, max(budget, 0)
 
     def _rows_of(self, seq: _Sequence) -> int:
         return 1 + len(seq.others)  # n choices take n rows from one prefill
@@ -505,6 +509,43 @@ class Engine:
         self._prefill_seconds += time.perf_counter() - started
         if remove:
             self._remove_rows(sorted(set(remove)))
+
+    def _fused_step(self, fresh: list[_Sequence]) -> bool:
+        """Prefill the fresh requests and decode the running ones in one forward
+        (LlamaRunner.step), where it gives every row what the separate forwards would: with
+        the CPU kernels, no partial prompt, one choice each, and prompts that fit one
+        forward. False if it did not run (or failed, having finished nothing): then the
+        caller prefills and decodes apart."""
+        running = self._running
+        if (not fresh or not running or self._partial is not None or self.runner.token_lora is None
+                or self.runner.attention_kernel is None or any(s.others for s in fresh)
+                or len(_forward_groups(fresh)) > 1):
+            return False
+        if not all(self.kv.grow(i, seq.length + 1) for i, seq in enumerate(running)):
+            return False  # the budget is short: the separate path ends the row that does not fit
+        started = time.perf_counter()
+        segments = [g for seq in fresh for g in self._segments(seq, len(seq.prompt))]
+        try:
+            decoded, prompted = self.runner.step([s.last for s in running], [s.length for s in running],
+                                                 [s.slot for s in running], segments, self.bank)
+        except Exception:  # the separate forwards find whose request it was
+            log.warning("a decode step with %d prompts failed; running them apart", len(fresh), exc_info=True)
+            return False
+        for seq in running:
+            seq.length += 1
+        for seq in fresh:
+            self._prefill_tokens += len(seq.prompt) - seq.length
+            seq.length = len(seq.prompt)
+            self.prefix.offer(_prefix_key(seq), seq.prompt, seq.row)
+        running.extend(fresh)  # their cache rows follow the running ones' (_admit)
+        tokens, logprobs = pick_tokens(torch.cat([decoded, prompted]), [s.sampler for s in running])
+        self._decode_seconds += time.perf_counter() - started
+        self._steps += 1
+        self._fused_steps += 1
+        done = [i for i, seq in enumerate(running) if self._accept(seq, tokens[i], logprobs[i])]
+        if done:
+            self._remove_rows(done)
+        return True
 
     def _run(self, work: list[tuple[_Sequence, int]]) -> dict[_Sequence, torch.Tensor | BaseException | None]:
         """One prefill forward (see _forward), its sequences moved on and their

@@ -170,16 +170,12 @@ class LlamaRunner:
         token at once; attention and the LoRA term run per segment. Returns the logits of
         the last token of each segment that wants them, in order [wanting, vocab]; the LM
         head runs on those positions only."""
-        lengths = [len(s.ids) for s in segments]
-        bounds = [0]
-        for n in lengths:
-            bounds.append(bounds[-1] + n)
-        spans = list(zip(bounds, bounds[1:]))
+        spans, pos, masks = self._prompt_geometry(segments)
         runs = _slot_runs(segments, spans)
         if not runs:
             lora = lambda *a: None  # noqa: E731
         elif self.token_lora is not None:  # one kernel call per module group, every token its own slot
-            slots = torch.zeros(bounds[-1], dtype=torch.int64)
+            slots = torch.zeros(spans[-1][1], dtype=torch.int64)
             for slot, a, b in runs:
                 slots[a:b] = slot
             groups = bank.groups_of([slot for slot, _, _ in runs])
@@ -187,40 +183,67 @@ class LlamaRunner:
         else:
             lora = lambda i, g, x, outs: _apply_runs(bank, runs, i, g, x, outs)  # noqa: E731
         ids = torch.tensor([t for s in segments for t in s.ids], device=self.device)
-        pos = torch.cat([self._cols[s.start : s.start + n] for s, n in zip(segments, lengths)])
         x = self.embed(ids)
-        cos, sin = self.rotary(x[None], pos[None])
-        sin = _signed_sin(sin)
-        cos, sin = cos[0], sin[0]  # [T, head_dim], broadcast over heads
+        cos, sin = self._prompt_rotary(x, pos)
+        width = self.n_heads * self.head_dim
+        for i, layer in enumerate(self.layers):
+            q, k, v = self._qkv(layer, i, x, lora)
+            o = x.new_empty(x.shape[0], width)
+            self._attend_prompts(i, segments, spans, masks, q, k, v, cos, sin, o)
+            x = self._out_and_mlp(layer, i, x, o, lora)
+        last = [b - 1 for s, (_, b) in zip(segments, spans) if s.logits]
+        return self.lm_head(self.norm(x[last]))
+
+    def _prompt_geometry(self, segments: list[PrefillSegment]):
+        """Each prompt segment's (start, end) among the forward's prompt tokens, their
+        positions [T], and each segment's attention mask (None: causal from position 0)."""
+        lengths = [len(s.ids) for s in segments]
+        bounds = [0]
+        for n in lengths:
+            bounds.append(bounds[-1] + n)
+        spans = list(zip(bounds, bounds[1:]))
+        pos = torch.cat([self._cols[s.start : s.start + n] for s, n in zip(segments, lengths)])
         # a segment after earlier positions attends to them: causal from its own start
         masks = [
             (self._cols[None, : s.start + n] <= self._cols[s.start : s.start + n, None]) if s.start else None
             for s, n in zip(segments, lengths)
         ]
-        width = self.n_heads * self.head_dim
-        for i, layer in enumerate(self.layers):
-            q, k, v = self._qkv(layer, i, x, lora)
-            q = self._rope(q.transpose(0, 1), cos, sin)  # [heads, T, d]
-            k = self._rope(k.transpose(0, 1), cos, sin)
-            v = v.transpose(0, 1)
-            o = x.new_empty(x.shape[0], width)
-            k_cache, v_cache = self.kv.k[i], self.kv.v[i]
-            for s, (a, b), mask in zip(segments, spans, masks):
-                end = s.start + b - a
-                k_cache[s.row, :, s.start : end] = k[:, a:b]
-                v_cache[s.row, :, s.start : end] = v[:, a:b]
-                if mask is None:  # from position 0: the segment's own keys
-                    keys, values = k[None, :, a:b], v[None, :, a:b]
-                else:
-                    keys, values = k_cache[None, s.row, :, :end], v_cache[None, s.row, :, :end]
-                out = F.scaled_dot_product_attention(
-                    q[None, :, a:b], keys, values, attn_mask=mask, is_causal=mask is None,
-                    scale=self.scaling, enable_gqa=self.n_rep > 1,
-                )
-                o[a:b] = out[0].transpose(0, 1).reshape(b - a, width)
-            x = self._out_and_mlp(layer, i, x, o, lora)
-        last = [b - 1 for s, (_, b) in zip(segments, spans) if s.logits]
-        return self.lm_head(self.norm(x[last]))
+        return spans, pos, masks
+
+    def _attend_prompts(self, i: int, segments: list[PrefillSegment], spans, masks, q: torch.Tensor,
+                        k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                        o: torch.Tensor) -> None:
+        """Layer i's attention for prompt tokens: q [T, heads, d], k and v [T, kv_heads, d]
+        before rotary (cos, sin [T, d]); writes each segment's keys and values to its cache
+        row and its output to o [T, heads * d]."""
+        width = o.shape[1]
+        q = self._rope(q.transpose(0, 1), cos, sin)  # [heads, T, d]
+        k = self._rope(k.transpose(0, 1), cos, sin)
+        v = v.transpose(0, 1)
+        k_cache, v_cache = self.kv.k[i], self.kv.v[i]
+        for s, (a, b), mask in zip(segments, spans, masks):
+            end = s.start + b - a
+            k_cache[s.row, :, s.start : end] = k[:, a:b]
+            v_cache[s.row, :, s.start : end] = v[:, a:b]
+            if mask is None:  # from position 0: the segment's own keys
+                keys, values = k[None, :, a:b], v[None, :, a:b]
+            else:
+                keys, values = k_cache[None, s.row, :, :end], v_cache[None, s.row, :, :end]
+            out = F.scaled_dot_product_attention(
+                q[None, :, a:b], keys, values, attn_mask=mask, is_causal=mask is None,
+                scale=self.scaling, enable_gqa=self.n_rep > 1,
+            )
+            o[a:b] = out[0].transpose(0, 1).reshape(b - a, width)
+
+    def _prompt_rotary(self, x: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and signed sin [T, head_dim] of prompt positions pos [T] (x: their embeddings)."""
+        cos, sin = self.rotary(x[None], pos[None])
+        return cos[0], _signed_sin(sin)[0]  # broadcast over heads
+
+    def _decode_rotary(self, x: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and signed sin [n, 1, head_dim] of decode rows at positions pos [n]."""
+        cos, sin = self.rotary(x[:, None], pos[:, None])
+        return cos, _signed_sin(sin)
 
     def _attend(self, q: torch.Tensor, i: int, window: _DecodeWindow,
                 new: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
@@ -260,8 +283,7 @@ class LlamaRunner:
             (self._cols[None, :length] <= pos[:, None]).view(n, 1, 1, length))
         window = _DecodeWindow(n, pos + 1, length, mask)
         x = self.embed(tok)
-        cos, sin = self.rotary(x[:, None], pos[:, None])  # [n, 1, head_dim]
-        sin = _signed_sin(sin)
+        cos, sin = self._decode_rotary(x, pos)
         for i, layer in enumerate(self.layers):
             q, k, v = self._qkv(layer, i, x, lora)
             q = self._rope(q, cos, sin)
@@ -279,3 +301,42 @@ class LlamaRunner:
             o = o.reshape(n, self.n_heads * self.head_dim)
             x = self._out_and_mlp(layer, i, x, o, lora)
         return self.lm_head(self.norm(x))
+
+    def step(self, tokens: list[int], positions: list[int], slots: list[int], segments: list[PrefillSegment],
+             bank: SlotBank) -> tuple[torch.Tensor, torch.Tensor]:
+        """decode() of rows 0..n-1 and prefill() of `segments` (other rows) in one forward,
+        so the weights are read once for both: a prompt that arrives while answers run
+        costs its own tokens, not a forward of its own. Each decode row and prompt token
+        goes through the same ops on the same values as in decode() and prefill(), so it
+        gets the same bits: only the projections and the LM head see more rows, and their
+        rows do not depend on their company (dense_rows.py; the LoRA kernel's sums are per
+        row). Needs the CPU kernels (attention_kernel and token_lora). slots: each decode
+        row's adapter slot. Returns (logits of the decode rows [n, vocab], logits of the
+        segments that want them [wanting, vocab])."""
+        n = len(tokens)
+        spans, pos_p, masks = self._prompt_geometry(segments)
+        token_slots = slots + [s.slot for s in segments for _ in s.ids]
+        if max(token_slots):
+            slot_ids = torch.tensor(token_slots, dtype=torch.int64)
+            groups = bank.groups_of(sorted(set(token_slots)))
+            lora = lambda i, g, x, outs: self.token_lora(slot_ids, groups, i, g, x, outs)  # noqa: E731
+        else:
+            lora = lambda *a: None  # noqa: E731
+        ids = torch.tensor(tokens + [t for s in segments for t in s.ids], device=self.device)
+        pos_d = torch.tensor(positions, device=self.device)
+        window = _DecodeWindow(n, pos_d + 1, 0, None)  # the kernel reads each row's own positions
+        x = self.embed(ids)
+        cos_d, sin_d = self._decode_rotary(x[:n], pos_d)
+        cos_p, sin_p = self._prompt_rotary(x[n:], pos_p)
+        width = self.n_heads * self.head_dim
+        for i, layer in enumerate(self.layers):
+            q, k, v = self._qkv(layer, i, x, lora)
+            o = x.new_empty(x.shape[0], width)
+            q_d, k_d = self._rope(q[:n], cos_d, sin_d), self._rope(k[:n], cos_d, sin_d)
+            out = self._attend(q_d.view(n, self.n_kv, self.n_rep, self.head_dim), i, window, (k_d, v[:n]))
+            o[:n] = out.reshape(n, width)
+            self._attend_prompts(i, segments, spans, masks, q[n:], k[n:], v[n:], cos_p, sin_p, o[n:])
+            x = self._out_and_mlp(layer, i, x, o, lora)
+        last = [*range(n), *(n + b - 1 for s, (_, b) in zip(segments, spans) if s.logits)]
+        logits = self.lm_head(self.norm(x[last]))
+        return logits[:n], logits[n:]

@@ -77,6 +77,7 @@ class EngineStats:
     adapter_loads_total: int = 0  # loads since start (adapter_load_seconds keeps the last 64)
     prefill_tokens: int = 0  # prompt tokens prefilled
     prefill_seconds: float = 0.0  # time spent prefilling (first tokens included)
-    decode_seconds: float = 0.0  # time spent in decode steps
+    decode_seconds: float = 0.0  # time spent in decode steps (prompts prefilled in them included)
+    fused_steps: int = 0  # decode steps that also prefilled new prompts, in the same forward
     prefix_cache_hits: int = 0  # prompts that started from a cached prefix
     prefix_cache_tokens: int = 0  # prompt tokens taken from cached prefixes instead of prefilled
