@@ -25,11 +25,15 @@ def test_a_packed_model_gives_the_same_logits_and_keeps_its_modules(tiny_base_di
     ids = torch.tensor([[5, 17, 99, 3, 42, 7, 250, 11]])
     with torch.no_grad():
         before = model(ids).logits
-    packed = packed_linear.pack(model.model.layers, torch.device("cpu"), torch.bfloat16)
+    tied = model.lm_head.weight is model.model.embed_tokens.weight
+    modules = [*model.model.layers, model.lm_head]
+    packed = packed_linear.pack(modules, torch.device("cpu"), torch.bfloat16)
     projections = _projections(model)
-    assert packed == len(projections) > 0
-    assert all(type(m) is torch.nn.Linear and m.weight.is_mkldnn for m in projections)
-    assert packed_linear.pack(model.model.layers, torch.device("cpu"), torch.bfloat16) == 0  # once only
+    assert packed == len(projections) + 1 > 1
+    assert all(type(m) is torch.nn.Linear and m.weight.is_mkldnn for m in [*projections, model.lm_head])
+    if tied:  # the LM head got a packed copy; the embedding reads the plain weight
+        assert not model.model.embed_tokens.weight.is_mkldnn
+    assert packed_linear.pack(modules, torch.device("cpu"), torch.bfloat16) == 0  # once only
     with torch.no_grad():
         after = model(ids).logits  # Hugging Face's own forward runs the packed products
     assert torch.equal(before, after)
@@ -59,7 +63,7 @@ def test_the_engine_packs_a_bf16_base_and_answers_as_unpacked(tiny_base_dir, mon
     prompt = tok("The weather in Paris is")["input_ids"]
     packed_model = _bf16_model(tiny_base_dir)
     got = _answer(packed_model, tok, prompt)
-    assert all(m.weight.is_mkldnn for m in _projections(packed_model))
+    assert all(m.weight.is_mkldnn for m in [*_projections(packed_model), packed_model.lm_head])
     monkeypatch.setattr(packed_linear, "pack", lambda *a: 0)
     plain_model = _bf16_model(tiny_base_dir)
     want = _answer(plain_model, tok, prompt)

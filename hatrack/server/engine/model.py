@@ -123,7 +123,7 @@ class LlamaRunner:
         # base picks outlier columns per row (int8_rows.py), dense and weight-only int8
         # ones pad to a probed quantum (dense_rows.py)
         make_rows_independent(self.layers)
-        packed_linear.pack(self.layers, self.device, self.dtype)
+        packed_linear.pack([*self.layers, self.lm_head], self.device, self.dtype)
         pad_rows([*self.layers, self.lm_head], max_batch, dtype=self.dtype)
 
     # ------------------------------------------------------------ forward

@@ -7,11 +7,15 @@ BF16 (2 cores, 2026-12-01, the default base's 210 decoder projections): 21.0 -> 
 the same bits as F.linear's; that is checked once per weight shape at start, on random
 rows, and a shape whose products differ keeps F.linear.
 
-Only plain bf16 nn.Linear modules of the decoder layers change, in place: the module keeps
+Only plain bf16 nn.Linear modules change (the decoder layers' and the LM head), in
+place: the module keeps
 its type and shape (PEFT and Hugging Face's forward still call it), its `weight` becomes
 the packed tensor (the plain one is freed, so memory does not double) and its forward runs
 the packed product. Anything that reads the weight's values directly (F.linear on it,
-saving a state dict) no longer works on such a model: it is the serving engine's.
+saving a state dict) no longer works on such a model: it is the serving engine's. An LM
+head tied to the input embedding gets a packed copy of its own (56 MB on the default
+base): the embedding keeps the plain weight. Measured the same way, the default base's LM
+head takes 4.2 -> 2.1 ms at 8 rows and 7.1 -> 5.1 ms at 32.
 """
 
 from __future__ import annotations
@@ -60,14 +64,14 @@ def _same_bits(weight: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | 
     return _agrees[key]
 
 
-def pack(layers, device: torch.device, dtype: torch.dtype) -> int:
-    """Pack every plain bf16 nn.Linear of `layers` (decoder layers) on CPU. Returns how many
-    were packed (0 where oneDNN cannot, or off CPU, or not bf16)."""
+def pack(modules, device: torch.device, dtype: torch.dtype) -> int:
+    """Pack every plain bf16 nn.Linear among `modules` (searched recursively) on CPU. Returns
+    how many were packed (0 where oneDNN cannot, or off CPU, or not bf16)."""
     if device.type != "cpu" or dtype != torch.bfloat16 or not available():
         return 0
     packed = 0
     with torch.no_grad():
-        for root in layers:
+        for root in modules:
             for module in root.modules():
                 if (type(module) is not torch.nn.Linear or is_packed(module) or weight_only_int8.is_weight_only(module)
                         or module.weight.dtype != torch.bfloat16 or module.weight.device.type != "cpu"):
