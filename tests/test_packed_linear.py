@@ -69,3 +69,19 @@ def test_the_engine_packs_a_bf16_base_and_answers_as_unpacked(tiny_base_dir, mon
     want = _answer(plain_model, tok, prompt)
     assert not any(m.weight.is_mkldnn for m in _projections(plain_model))
     assert got == want
+
+
+def test_row_counts_stay_few_and_padded_products_keep_their_bits():
+    # oneDNN keeps a kernel (~0.7 MB) for every row count it meets: a server meets few
+    counts = {n: packed_linear.padded_rows(n) for n in range(1, 4097)}
+    assert all(counts[n] == n for n in range(1, packed_linear.SMALL_ROWS + 1))
+    assert all(n <= m < n * 9 / 8 for n, m in counts.items() if n > packed_linear.SMALL_ROWS)
+    assert len(set(counts.values())) <= packed_linear.SMALL_ROWS + 8 * 7
+    linear = torch.nn.Linear(96, 160, bias=False).to(torch.bfloat16)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(160, 96, generator=torch.Generator().manual_seed(4)))
+        plain = linear.weight.detach().clone()
+        assert packed_linear.pack([linear], torch.device("cpu"), torch.bfloat16) == 1
+        x = torch.randn(300, 96, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16)
+        for n in (33, 57, 100, 129, 300):  # padded to 36, 64, 112, 144, 320 rows
+            assert torch.equal(linear(x[:n]), torch.nn.functional.linear(x[:n], plain)), n
