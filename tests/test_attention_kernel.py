@@ -16,33 +16,39 @@ KV, REP, D, CAP = 3, 3, 64, 320
 SCALE = D**-0.5
 
 
-def _inputs(n: int, dtype: torch.dtype, seed: int = 0):
+# head sizes: a multiple of 16 takes the vector path, another the plain loops
+HEAD_SIZES = [D, 40]
+
+
+def _inputs(n: int, dtype: torch.dtype, seed: int = 0, d: int = D):
     gen = torch.Generator().manual_seed(seed)
     # the cache holds more rows and positions than the batch uses, as the engine's does
-    k = torch.randn(n + 2, KV, CAP, D, generator=gen).to(dtype)
-    v = torch.randn(n + 2, KV, CAP, D, generator=gen).to(dtype)
-    q = (torch.randn(n, KV, REP, D, generator=gen) * 2).to(dtype)
+    k = torch.randn(n + 2, KV, CAP, d, generator=gen).to(dtype)
+    v = torch.randn(n + 2, KV, CAP, d, generator=gen).to(dtype)
+    q = (torch.randn(n, KV, REP, d, generator=gen) * 2).to(dtype)
     return q, k, v
 
 
 def _attend(q, k, v, lengths, min_work: int = 1 << 18) -> torch.Tensor:
     out = torch.empty_like(q)
-    kernel.attend_decode(q.contiguous(), k, v, torch.tensor(lengths, dtype=torch.int64), out, SCALE, min_work)
+    scale = q.shape[-1] ** -0.5
+    kernel.attend_decode(q.contiguous(), k, v, torch.tensor(lengths, dtype=torch.int64), out, scale, min_work)
     return out
 
 
 def _exact(q, k, v, lengths) -> torch.Tensor:
     rows = []
     for i, n in enumerate(lengths):
-        scores = q[i].double() @ k[i, :, :n].double().transpose(-1, -2) * SCALE
+        scores = q[i].double() @ k[i, :, :n].double().transpose(-1, -2) * q.shape[-1] ** -0.5
         rows.append(torch.softmax(scores, dim=-1) @ v[i, :, :n].double())
     return torch.stack(rows)
 
 
+@pytest.mark.parametrize("d", HEAD_SIZES)
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
-def test_matches_exact_attention_over_each_rows_own_positions(dtype, tolerance):
+def test_matches_exact_attention_over_each_rows_own_positions(dtype, tolerance, d):
     lengths = [1, 2, 17, 64, 65, 200, CAP]
-    q, k, v = _inputs(len(lengths), dtype)
+    q, k, v = _inputs(len(lengths), dtype, d=d)
     out = _attend(q, k, v, lengths)
     assert out.dtype == dtype and out.shape == q.shape
     assert torch.allclose(out.double(), _exact(q, k, v, lengths), atol=tolerance, rtol=tolerance)
@@ -54,17 +60,18 @@ def test_matches_exact_attention_over_each_rows_own_positions(dtype, tolerance):
     assert torch.equal(_attend(q, k2, v2, lengths), out)
 
 
+@pytest.mark.parametrize("d", HEAD_SIZES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_a_rows_bits_do_not_depend_on_its_company(dtype):
+def test_a_rows_bits_do_not_depend_on_its_company(dtype, d):
     lengths = [5, 90, 33, 250, 128, 7, 300, 64]
-    q, k, v = _inputs(len(lengths), dtype, seed=1)
+    q, k, v = _inputs(len(lengths), dtype, seed=1, d=d)
     together = _attend(q, k, v, lengths)
     one_thread = _attend(q, k, v, lengths, min_work=1 << 40)
     per_pair = _attend(q, k, v, lengths, min_work=1)  # every (row, head) may go to another thread
     assert torch.equal(together, one_thread) and torch.equal(together, per_pair)
     for i, n in enumerate(lengths):
         # alone, in cache row 0 of a fresh cache that is longer than the row needs
-        k1 = torch.zeros(1, KV, CAP + 64, D, dtype=dtype)
+        k1 = torch.zeros(1, KV, CAP + 64, d, dtype=dtype)
         v1 = torch.zeros_like(k1)
         k1[0, :, :n], v1[0, :, :n] = k[i, :, :n], v[i, :, :n]
         alone = _attend(q[i : i + 1], k1, v1, [n])
