@@ -41,6 +41,16 @@ def ask(url: str, model: str, question: str) -> str:
     return reply.json()["choices"][0]["message"]["content"]
 
 
+def fused_steps(url: str) -> int:
+    """hatrack_engine_fused_steps_total: decode steps that also prefilled arriving prompts."""
+    import httpx
+
+    for line in httpx.get(f"{url}/metrics", timeout=60).text.splitlines():
+        if line.startswith("hatrack_engine_fused_steps_total "):
+            return int(float(line.split()[1]))
+    return 0
+
+
 def precision_of(log: Path) -> str:
     for line in log.read_text(errors="replace").splitlines():
         if "ready: base" in line and "precision " in line:
@@ -82,8 +92,9 @@ def main() -> None:
     lines = [f"batch invariance on {base.name}, {len(models)} models x {args.sums} sums = {len(jobs)} greedy requests "
              f"of {MAX_TOKENS} tokens, each alone then all at concurrency {args.concurrency}; {cpu_name()}, "
              f"{os.cpu_count()} cores, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC",
-             "", "| --quantize | precision | requests | differ from alone | differing (model: question #) |",
-             "|---|---|---|---|---|"]
+             "", "| --quantize | precision | requests | differ from alone | differing (model: question #) "
+             "| steps that also prefilled (batched pass) |",
+             "|---|---|---|---|---|---|"]
     for mode in args.quantize.split(","):
         print(f"{mode}: starting", file=sys.stderr, flush=True)
         server = ServerProcess(home, "--quantize", mode, "--device", "cpu", "--no-auth", "--max-batch", "32",
@@ -91,15 +102,17 @@ def main() -> None:
         try:
             alone = [ask(server.url, m, q) for m, q in jobs]
             print(f"{mode}: {len(jobs)} answered alone", file=sys.stderr, flush=True)
+            fused_before = fused_steps(server.url)
             with cf.ThreadPoolExecutor(args.concurrency) as pool:
                 together = list(pool.map(lambda job: ask(server.url, *job), jobs))
+            fused = fused_steps(server.url) - fused_before
             precision = precision_of(server.log)
         finally:
             server.stop()
         differ = [i for i, (a, b) in enumerate(zip(alone, together)) if a != b]
         named = ", ".join(f"{jobs[i][0]}: {i // len(models)}" for i in differ[:6]) + (" ..." if len(differ) > 6 else "")
         print(f"{mode}: {len(differ)} of {len(jobs)} differ", file=sys.stderr, flush=True)
-        lines.append(f"| {mode} | {precision} | {len(jobs)} | {len(differ)} | {named or '-'} |")
+        lines.append(f"| {mode} | {precision} | {len(jobs)} | {len(differ)} | {named or '-'} | {fused} |")
     report(lines, args.out)
 
 

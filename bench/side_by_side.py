@@ -137,6 +137,33 @@ def drive(url: str, models: list[str], concurrency: int, total: int, max_tokens:
             "ttft_p50_s": statistics.median(f for f, _ in results)}
 
 
+ENGINE_COUNTERS = ("decode_steps", "fused_steps", "decode_seconds", "prefill_seconds", "prefill_tokens")
+
+
+def engine_counters(url: str) -> dict[str, float]:
+    """hatrack's hatrack_engine_*_total counters from /metrics (none for vLLM)."""
+    try:
+        text = httpx.get(f"{url}/metrics", timeout=30).text
+    except httpx.HTTPError:
+        return {}
+    found = {}
+    for line in text.splitlines():
+        for name in ENGINE_COUNTERS:
+            if line.startswith(f"hatrack_engine_{name}_total "):
+                found[name] = float(line.split()[1])
+    return found
+
+
+def drive_counted(url: str, models: list[str], concurrency: int, total: int, max_tokens: int) -> dict:
+    """drive(), with how hatrack's engine counters moved meanwhile (where the server has them)."""
+    before = engine_counters(url)
+    result = drive(url, models, concurrency, total, max_tokens)
+    after = engine_counters(url)
+    if before and after:
+        result["engine"] = {k: after[k] - before[k] for k in before if k in after}
+    return result
+
+
 def measure(side: Side, adapters: list[str], args: argparse.Namespace, log_dir: Path, round_no: int) -> dict:
     """One round of one server: start it, warm it, run every case, stop it."""
     print(f"[round {round_no}] {side.label}: starting", file=sys.stderr, flush=True)
@@ -148,8 +175,8 @@ def measure(side: Side, adapters: list[str], args: argparse.Namespace, log_dir: 
         cases = {"ttft_c1": drive(side.url, [side.base_model], 1, args.ttft_requests, args.max_tokens)}
         for conc in args.concurrency:
             total = max(args.requests, conc)
-            cases[f"base_c{conc}"] = drive(side.url, [side.base_model], conc, total, args.max_tokens)
-            cases[f"mixed_c{conc}"] = drive(side.url, adapters, conc, total, args.max_tokens)
+            cases[f"base_c{conc}"] = drive_counted(side.url, [side.base_model], conc, total, args.max_tokens)
+            cases[f"mixed_c{conc}"] = drive_counted(side.url, adapters, conc, total, args.max_tokens)
             print(f"[round {round_no}] {side.label} c={conc}: base {cases[f'base_c{conc}']['tok_s']:.1f} tok/s, "
                   f"8 mixed {cases[f'mixed_c{conc}']['tok_s']:.1f} tok/s", file=sys.stderr, flush=True)
     finally:
@@ -263,6 +290,27 @@ def table(summary: dict, concurrency: list[int]) -> list[str]:
     return lines
 
 
+def engine_table(results: dict[str, list[dict]], concurrency: list[int]) -> list[str]:
+    """Where each hatrack case's time went, from the engine's own counters (medians of rounds)."""
+    lines = ["| server | case | answer tokens / request | decode steps | of which also prefilled | rows / step "
+             "| ms / step | prefill forwards' s | wall s |", "|---|---|---|---|---|---|---|---|---|"]
+    for label, rounds in results.items():
+        for conc in concurrency:
+            for case in ("base", "mixed"):
+                runs = [r["cases"][f"{case}_c{conc}"] for r in rounds if "engine" in r["cases"][f"{case}_c{conc}"]]
+                if not runs:
+                    continue
+                e = {k: _median(run["engine"].get(k, 0.0) for run in runs) for k in ENGINE_COUNTERS}
+                tokens = _median(run["tokens"] for run in runs)
+                requests = runs[0]["requests"]
+                steps = e["decode_steps"] or 1
+                lines.append(f"| {label} | {'8 mixed' if case == 'mixed' else 'base'}, c={conc} | "
+                             f"{tokens / requests:.1f} | {e['decode_steps']:.0f} | {e['fused_steps']:.0f} | "
+                             f"{tokens / steps:.1f} | {1000 * e['decode_seconds'] / steps:.1f} | "
+                             f"{e['prefill_seconds']:.2f} | {_median(run['wall_s'] for run in runs):.2f} |")
+    return lines if len(lines) > 2 else []
+
+
 def parse_args() -> argparse.Namespace:
     def ints(text: str) -> list[int]:
         return [int(x) for x in text.split(",") if x.strip()]
@@ -361,6 +409,10 @@ def main() -> None:
         "",
         *table(summary, args.concurrency),
     ]
+    counted = engine_table(results, args.concurrency)
+    if counted:
+        lines += ["", "hatrack's engine counters per case (`/metrics`; rows / step counts answer tokens, first "
+                  "tokens from prefill included):", "", *counted]
     report(lines, args.out)
     write_json(args.json_out, {**meta, "complete": True, "summary": summary})
 

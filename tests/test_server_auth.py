@@ -117,7 +117,7 @@ def test_metrics_totals_are_counters_and_gone_adapters_leave_the_output(keyed):
         assert chat(server, admin, model).status_code == 200
     text = scrape(server, admin)
     families = {f.name: f for f in text_string_to_metric_families(text)}
-    for name in ("hatrack_engine_generated_tokens", "hatrack_engine_decode_steps",
+    for name in ("hatrack_engine_generated_tokens", "hatrack_engine_decode_steps", "hatrack_engine_fused_steps",
                  "hatrack_engine_decode_seconds", "hatrack_engine_prefill_seconds", "hatrack_engine_prefill_tokens",
                  "hatrack_engine_prefix_cache_hits", "hatrack_engine_prefix_cache_tokens"):
         assert families[name].type == "counter", name
