@@ -5,6 +5,8 @@ models; the last test drives a real `hatrack serve --kv-cache-gb`."""
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import threading
 import time
 from pathlib import Path
@@ -55,6 +57,17 @@ def wide_kv(tokenizer):
     return LlamaForCausalLM(config).eval(), tokenizer
 
 
+def settle_heap() -> None:
+    """Free what earlier tests left for the collector and hand glibc's free pages back, so
+    RSS changes during a measurement are this test's own (else a collection mid-test
+    can shrink RSS by more than the cache being measured)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
+
+
 def greedy(n: int) -> SamplingParams:
     return SamplingParams(max_tokens=n, temperature=0.0)
 
@@ -66,6 +79,8 @@ def test_memory_follows_each_request_and_returns(wide_kv):
     try:
         engine.start()
         engine.submit([5] * 8, None, greedy(4)).result(timeout=120)  # warm up the step's own buffers
+        settle_heap()
+        gc.disable()
         base = rss_bytes()
         peak = [base]
         done = threading.Event()
@@ -96,6 +111,7 @@ def test_memory_follows_each_request_and_returns(wide_kv):
         assert rss_bytes() <= during - 0.7 * long_kv, (during - rss_bytes()) / MB  # and goes back
         assert engine.kv.used_bytes == 0
     finally:
+        gc.enable()
         engine.stop(timeout=5)
 
 
