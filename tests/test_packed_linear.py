@@ -9,7 +9,10 @@ import torch
 from conftest import randomized_tiny
 from hatrack.server.engine import Engine, packed_linear
 
-pytestmark = pytest.mark.skipif(not packed_linear.available(), reason="this torch has no oneDNN")
+# packing needs oneDNN's bf16 support on this CPU (AVX-512 BW/VL/DQ or AVX-NE-CONVERT);
+# the fallback where it is missing is tested on every CPU (the last test)
+packs_here = pytest.mark.skipif(not packed_linear.bf16_supported(),
+                                reason="oneDNN cannot pack bf16 weights on this CPU (AVX2 only)")
 
 
 def _bf16_model(folder):
@@ -20,6 +23,7 @@ def _projections(model) -> list[torch.nn.Linear]:
     return [m for layer in model.model.layers for m in layer.modules() if isinstance(m, torch.nn.Linear)]
 
 
+@packs_here
 def test_a_packed_model_gives_the_same_logits_and_keeps_its_modules(tiny_base_dir):
     model = _bf16_model(tiny_base_dir)
     ids = torch.tensor([[5, 17, 99, 3, 42, 7, 250, 11]])
@@ -56,6 +60,7 @@ def _answer(model, tok, prompt) -> list[int]:
         engine.stop()
 
 
+@packs_here
 def test_the_engine_packs_a_bf16_base_and_answers_as_unpacked(tiny_base_dir, monkeypatch):
     from transformers import AutoTokenizer
 
@@ -71,6 +76,7 @@ def test_the_engine_packs_a_bf16_base_and_answers_as_unpacked(tiny_base_dir, mon
     assert got == want
 
 
+@packs_here
 def test_row_counts_stay_few_and_padded_products_keep_their_bits():
     # oneDNN keeps a kernel (~0.7 MB) for every row count it meets: a server meets few
     counts = {n: packed_linear.padded_rows(n) for n in range(1, 4097)}
@@ -85,3 +91,25 @@ def test_row_counts_stay_few_and_padded_products_keep_their_bits():
         x = torch.randn(300, 96, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16)
         for n in (33, 57, 100, 129, 300):  # padded to 36, 64, 112, 144, 320 rows
             assert torch.equal(linear(x[:n]), torch.nn.functional.linear(x[:n], plain)), n
+
+
+def test_where_the_cpu_cannot_pack_bf16_the_engine_keeps_plain_projections(tiny_base_dir, monkeypatch):
+    """On a CPU without oneDNN's bf16 support (an AVX2-only EPYC: "bf16 path needs the cpu
+    support avx_ne_convert or avx512bw, avx512vl and avx512dq") a bf16 base still serves,
+    unpacked, with the answer of a plain model."""
+    from transformers import AutoTokenizer
+
+    def refuse(weight):
+        raise RuntimeError("mkldnn_reorder_linear_weight: bf16 path needs the cpu support avx_ne_convert")
+
+    monkeypatch.setattr(packed_linear, "_reorder", refuse)
+    monkeypatch.setattr(packed_linear, "_cpu_packs_bf16", None)
+    assert not packed_linear.bf16_supported()
+    tok = AutoTokenizer.from_pretrained(tiny_base_dir)
+    prompt = tok("The weather in Paris is")["input_ids"]
+    model = _bf16_model(tiny_base_dir)
+    got = _answer(model, tok, prompt)
+    assert not any(m.weight.is_mkldnn for m in [*_projections(model), model.lm_head])
+    assert len(got) == 12
+    monkeypatch.setattr(packed_linear, "pack", lambda *a: 0)  # an engine that never packs
+    assert got == _answer(_bf16_model(tiny_base_dir), tok, prompt)

@@ -35,8 +35,32 @@ CHECK_ROWS = 64
 _agrees: dict[tuple[int, int, bool], bool] = {}  # (in, out, bias) -> packed products equal F.linear's
 
 
+_cpu_packs_bf16: bool | None = None  # probed once (bf16_supported)
+
+
 def available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+
+
+def _reorder(weight: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._reorder_linear_weight(weight, BATCH_HINT)
+
+
+def bf16_supported() -> bool:
+    """Whether oneDNN packs and multiplies bf16 weights on this CPU. It refuses where the
+    CPU has neither AVX-512 (BW, VL, DQ) nor AVX-NE-CONVERT, e.g. an AVX2-only AMD EPYC;
+    the projections then keep F.linear. Probed once on a small weight."""
+    global _cpu_packs_bf16
+    if _cpu_packs_bf16 is None:
+        _cpu_packs_bf16 = False
+        if available():
+            try:
+                weight = torch.ones(16, 16, dtype=torch.bfloat16)
+                torch.ops.mkldnn._linear_pointwise(weight, _reorder(weight), None, "none", [], "")
+                _cpu_packs_bf16 = True
+            except RuntimeError as err:
+                log.info("bf16 projections stay unpacked on this CPU: %s", str(err).splitlines()[0])
+    return _cpu_packs_bf16
 
 
 def is_packed(module: torch.nn.Module) -> bool:
@@ -84,8 +108,8 @@ def _same_bits(weight: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | 
 
 def pack(modules, device: torch.device, dtype: torch.dtype) -> int:
     """Pack every plain bf16 nn.Linear among `modules` (searched recursively) on CPU. Returns
-    how many were packed (0 where oneDNN cannot, or off CPU, or not bf16)."""
-    if device.type != "cpu" or dtype != torch.bfloat16 or not available():
+    how many were packed (0 where oneDNN cannot on this CPU, or off CPU, or not bf16)."""
+    if device.type != "cpu" or dtype != torch.bfloat16 or not bf16_supported():
         return 0
     packed = 0
     with torch.no_grad():
@@ -95,7 +119,7 @@ def pack(modules, device: torch.device, dtype: torch.dtype) -> int:
                         or module.weight.dtype != torch.bfloat16 or module.weight.device.type != "cpu"):
                     continue
                 weight = module.weight.detach()
-                blocked = torch.ops.mkldnn._reorder_linear_weight(weight, BATCH_HINT)
+                blocked = _reorder(weight)
                 if not _same_bits(weight, blocked, module.bias):
                     continue
                 module.weight = torch.nn.Parameter(blocked, requires_grad=False)
