@@ -33,8 +33,6 @@ BATCH_HINT = 8  # oneDNN picks the layout for this many rows; any number of rows
 SMALL_ROWS = 32  # row counts up to this run as they are (padded_rows)
 CHECK_ROWS = 64
 _agrees: dict[tuple[int, int, bool], bool] = {}  # (in, out, bias) -> packed products equal F.linear's
-
-
 _cpu_packs_bf16: bool | None = None  # probed once (bf16_supported)
 
 
@@ -44,6 +42,10 @@ def available() -> bool:
 
 def _reorder(weight: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(weight, BATCH_HINT)
+
+
+def _multiply(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
 def bf16_supported() -> bool:
@@ -56,7 +58,7 @@ def bf16_supported() -> bool:
         if available():
             try:
                 weight = torch.ones(16, 16, dtype=torch.bfloat16)
-                torch.ops.mkldnn._linear_pointwise(weight, _reorder(weight), None, "none", [], "")
+                _multiply(weight, _reorder(weight), None)
                 _cpu_packs_bf16 = True
             except RuntimeError as err:
                 log.info("bf16 projections stay unpacked on this CPU: %s", str(err).splitlines()[0])
@@ -86,7 +88,7 @@ def _product(self, x: torch.Tensor) -> torch.Tensor:
     rows = padded_rows(n)
     if rows != n:  # zero rows: the others' bits do not depend on them (dense_rows.py)
         flat = torch.cat([flat, flat.new_zeros(rows - n, flat.shape[1])])
-    out = torch.ops.mkldnn._linear_pointwise(flat, self.weight, self.bias, "none", [], "")[:n]
+    out = _multiply(flat, self.weight, self.bias)[:n]
     return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
@@ -98,7 +100,7 @@ def _same_bits(weight: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | 
         with torch.no_grad():
             want = torch.nn.functional.linear(x, weight, bias)
             _agrees[key] = all(
-                torch.equal(torch.ops.mkldnn._linear_pointwise(x[:m], packed, bias, "none", [], ""), want[:m])
+                torch.equal(_multiply(x[:m], packed, bias), want[:m])
                 for m in (1, 3, 8, CHECK_ROWS)
             )
         if not _agrees[key]:
