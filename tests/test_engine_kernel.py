@@ -77,26 +77,36 @@ def test_kernel_matches_torch_ops(dtype):
                 assert torch.equal(got[1][[2, 7]], base[1][[2, 7]])
 
 
-def test_a_row_gets_the_same_bits_in_any_batch():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("group", [g for g, _ in GROUPS])
+def test_a_row_gets_the_same_bits_in_any_batch(group, dtype):
+    """The kernel computes rows in tiles (a run of rows on one adapter shares each weight
+    load; rows on their own adapters run side by side): a row's term is the same in any
+    tile, bit for bit."""
     layers = [_Layer()]
-    bank = SlotBank(layers, n_slots=2, max_rank=16, dtype=torch.bfloat16, device=torch.device("cpu"))
+    bank = SlotBank(layers, n_slots=3, max_rank=16, dtype=dtype, device=torch.device("cpu"))
     every = [s for _, suffixes in GROUPS for s in suffixes]
-    bank.write(1, _adapter(5, 16, every, 1))
-    bank.write(2, _adapter(6, 16, every, 1))
-    x_row = torch.randn(1, 64).to(torch.bfloat16)
-    y_row = torch.randn(1, 64).to(torch.bfloat16)
+    for slot in (1, 2, 3):
+        bank.write(slot, _adapter(4 + slot, 16, every, 1))
+    n_in = bank.in_dim[group]
+    outs = [bank.out_dim[s] for s in dict(GROUPS)[group]]
+    gen = torch.Generator().manual_seed(7)
+    x_row = torch.randn(1, n_in, generator=gen).to(dtype)
+    y_row = [torch.randn(1, o, generator=gen).to(dtype) for o in outs]
 
-    def term(row_slots: list[int], others: torch.Tensor) -> torch.Tensor:
+    def term(row_slots: list[int], crowd: torch.Tensor) -> list[torch.Tensor]:
         rows = KernelRows(bank, kernel)
         rows.prepare(row_slots)
-        x = torch.cat([x_row, others]).contiguous()
-        y = torch.cat([y_row, torch.zeros(len(others), 64, dtype=torch.bfloat16)])
-        rows.apply(len(row_slots), 0, "o", x, (y,))
-        return y[0]
+        x = torch.cat([x_row, crowd]).contiguous()
+        ys = tuple(torch.cat([y, torch.zeros(len(crowd), y.shape[1], dtype=dtype)]) for y in y_row)
+        rows.apply(len(row_slots), 0, group, x, ys)
+        return [y[0] for y in ys]
 
-    alone = term([1], torch.zeros(0, 64, dtype=torch.bfloat16))
-    # rows of slot 1 beside row 0: none, one, three, four and six (computed together, up to
-    # four at a time, each weight read once for them)
-    for others in ([2, 2, 1], [0, 1], [2] * 15, [1, 1, 1], [1, 1, 1, 2, 1], [1, 2, 1, 1, 1, 1, 1]):
-        crowd = torch.randn(len(others), 64).to(torch.bfloat16)
-        assert torch.equal(term([1, *others], crowd), alone)
+    alone = term([1], torch.zeros(0, n_in, dtype=dtype))
+    # rows beside row 0: of its slot (runs shorter and longer than a tile), of other
+    # slots, of none, and mixtures that put row 0 in a shared run or among distinct ones
+    for others in ([2, 2, 1], [0, 1], [2] * 15, [1, 1, 1], [1, 1, 1, 2, 1], [1, 2, 1, 1, 1, 1, 1], [1] * 12,
+                   [2, 3, 2, 3, 2, 3, 0, 2], [3, 2, 0, 1, 3, 3, 3, 3, 2, 1, 1], [2, 3] * 9 + [1] * 9):
+        crowd = torch.randn(len(others), n_in, generator=gen).to(dtype)
+        got = term([1, *others], crowd)
+        assert all(torch.equal(g, a) for g, a in zip(got, alone)), others

@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "bf16.h"
@@ -26,50 +27,189 @@ using hatrack_bf16::widen;
 inline void add_to(float* y, int64_t o, float v) { y[o] += v; }
 inline void add_to(uint16_t* y, int64_t o, float v) { y[o] = narrow_bf16(widen(y[o]) + v); }
 
-// acc[0..B) += xc * w[0..B): B is a compile-time width, so acc stays in vector registers.
-template <int B, typename W>
-inline void axpy_block(float* __restrict acc, float xc, const W* __restrict w) {
-  for (int k = 0; k < B; ++k) acc[k] += xc * widen(w[k]);
+// 16 lanes of fp32 as one value: GCC keeps these in vector registers (two ymm halves on
+// AVX2, one zmm on AVX-512) where a float[16] array can live on the stack.
+typedef float f32x16 __attribute__((vector_size(64)));
+typedef uint16_t u16x16 __attribute__((vector_size(32)));
+typedef uint32_t u32x16 __attribute__((vector_size(64)));
+
+inline f32x16 load16(const float* p) {
+  f32x16 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+inline f32x16 load16(const uint16_t* p) {  // bf16 widened exactly, as widen() does
+  u16x16 h;
+  std::memcpy(&h, p, sizeof h);
+  const u32x16 u = __builtin_convertvector(h, u32x16) << 16;
+  f32x16 f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
 }
 
-// xa[0..mr) = x[0..in) @ a[in, mr], 64 (then 16) columns at a time held in registers
-// across the whole reduction; a remainder of fewer than 16 columns goes one by one.
-template <typename W>
-void shrink(const float* __restrict x, int64_t in, const W* __restrict a, int64_t mr, float* __restrict xa) {
+// y[0..16) += v, in y's dtype: bf16 rounded as narrow_bf16() does (nearest even, NaN as
+// 0x7fc0), 16 lanes at a time rather than one by one
+inline void add16(float* y, f32x16 v) {
+  const f32x16 sum = load16(y) + v;
+  std::memcpy(y, &sum, sizeof sum);
+}
+inline void add16(uint16_t* y, f32x16 v) {
+  const f32x16 sum = load16(y) + v;
+  u32x16 u;
+  std::memcpy(&u, &sum, sizeof u);
+  const u32x16 rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  const u32x16 out = (u & 0x7fffffffu) > 0x7f800000u ? u32x16{} + 0x7fc0u : rounded;
+  const u16x16 h = __builtin_convertvector(out, u16x16);
+  std::memcpy(y, &h, sizeof h);
+}
+
+// Independent sums in flight per tile: a sum's adds wait on each other (4 cycles each), so
+// one row alone keeps the arithmetic units idle; a tile runs several rows (and 16-column
+// blocks) side by side. Each sum still adds its terms in the same order as alone, so a
+// row's bits do not depend on which rows share its tile.
+#ifdef __AVX512F__
+constexpr int CHAINS = 8;
+#else
+constexpr int CHAINS = 4;  // 16 ymm registers
+#endif
+constexpr int MAX_TILE_ROWS = 8;
+// the loops over a tile's rows and blocks unrolled, so its sums stay in registers
+#define UNROLL _Pragma("GCC unroll 8")
+
+// xa[r][kb..kb+16*NB) for the R rows of a tile: x[r] widened to fp32, a[r] its A. SHARED:
+// every row has the same A, widened once per step of the sums.
+template <int R, int NB, bool SHARED, typename W>
+void shrink_tile(const float* const* x, int64_t in, const W* const* a, int64_t mr, int64_t kb, float* const* xa) {
+  f32x16 acc[R][NB];
+  UNROLL for (int r = 0; r < R; ++r)
+    UNROLL for (int b = 0; b < NB; ++b) acc[r][b] = f32x16{};
+  for (int64_t c = 0; c < in; ++c) {
+    if constexpr (SHARED) {
+      f32x16 w[NB];
+      UNROLL for (int b = 0; b < NB; ++b) w[b] = load16(a[0] + c * mr + kb + 16 * b);
+      UNROLL for (int r = 0; r < R; ++r) {
+        const float xc = x[r][c];
+        UNROLL for (int b = 0; b < NB; ++b) acc[r][b] += xc * w[b];
+      }
+    } else {
+      UNROLL for (int r = 0; r < R; ++r) {
+        const float xc = x[r][c];
+        const W* w = a[r] + c * mr + kb;
+        UNROLL for (int b = 0; b < NB; ++b) acc[r][b] += xc * load16(w + 16 * b);
+      }
+    }
+  }
+  UNROLL for (int r = 0; r < R; ++r) std::memcpy(xa[r] + kb, acc[r], sizeof acc[r]);
+}
+
+template <int NB, bool SHARED, typename W>
+void shrink_rows(int rows, const float* const* x, int64_t in, const W* const* a, int64_t mr, int64_t kb,
+                 float* const* xa) {
+  constexpr int R = CHAINS / NB > 0 ? CHAINS / NB : 1;
+  for (int r0 = 0; r0 < rows; r0 += R) {
+    const int n = std::min(R, rows - r0);
+    switch (n) {  // the tail of the tile: fewer rows, the same sums
+#define HATRACK_SHRINK_CASE(K) \
+  case K:                      \
+    if constexpr (K <= R) shrink_tile<K, NB, SHARED, W>(x + r0, in, a + r0, mr, kb, xa + r0); \
+    break;
+      HATRACK_SHRINK_CASE(1) HATRACK_SHRINK_CASE(2) HATRACK_SHRINK_CASE(3) HATRACK_SHRINK_CASE(4)
+      HATRACK_SHRINK_CASE(5) HATRACK_SHRINK_CASE(6) HATRACK_SHRINK_CASE(7) HATRACK_SHRINK_CASE(8)
+#undef HATRACK_SHRINK_CASE
+    }
+  }
+}
+
+// xa[r][0..mr) = x[r][0..in) @ a[r][in, mr] for the tile's rows: columns in blocks of up
+// to 64 held in registers across the whole reduction, the last fewer than 16 one by one.
+template <bool SHARED, typename W>
+void shrink(int rows, const float* const* x, int64_t in, const W* const* a, int64_t mr, float* const* xa) {
   int64_t kb = 0;
-  for (; kb + 64 <= mr; kb += 64) {
-    float acc[64] = {};
-    for (int64_t c = 0; c < in; ++c) axpy_block<64>(acc, x[c], a + c * mr + kb);
-    std::memcpy(xa + kb, acc, sizeof acc);
-  }
-  for (; kb + 16 <= mr; kb += 16) {
-    float acc[16] = {};
-    for (int64_t c = 0; c < in; ++c) axpy_block<16>(acc, x[c], a + c * mr + kb);
-    std::memcpy(xa + kb, acc, sizeof acc);
-  }
-  for (; kb < mr; ++kb) {
-    float acc = 0.0f;
-    for (int64_t c = 0; c < in; ++c) acc += x[c] * widen(a[c * mr + kb]);
-    xa[kb] = acc;
+  for (; kb + 64 <= mr; kb += 64) shrink_rows<4, SHARED, W>(rows, x, in, a, mr, kb, xa);
+  const int64_t left = (mr - kb) / 16;
+  if (left == 3) shrink_rows<3, SHARED, W>(rows, x, in, a, mr, kb, xa);
+  if (left == 2) shrink_rows<2, SHARED, W>(rows, x, in, a, mr, kb, xa);
+  if (left == 1) shrink_rows<1, SHARED, W>(rows, x, in, a, mr, kb, xa);
+  kb += 16 * left;
+  for (int r = 0; r < rows; ++r)
+    for (int64_t k = kb; k < mr; ++k) {
+      float acc = 0.0f;
+      for (int64_t c = 0; c < in; ++c) acc += x[r][c] * widen(a[r][c * mr + k]);
+      xa[r][k] = acc;
+    }
+}
+
+// 64 consecutive weights as four vectors. bf16 is widened two at a time: each 32-bit lane
+// holds two, and one shift (or mask) widens the even (or odd) ones, half the work of
+// widening 16 in order; the vectors then hold columns 0,2,..,30 | 1,3,..,31 | 32,34,.. | 33,..
+// and store64 puts them back in order.
+inline void load64(const float* p, f32x16* w) {
+  UNROLL for (int q = 0; q < 4; ++q) w[q] = load16(p + 16 * q);
+}
+inline void load64(const uint16_t* p, f32x16* w) {
+  UNROLL for (int h = 0; h < 2; ++h) {
+    u32x16 u;
+    std::memcpy(&u, p + 32 * h, sizeof u);
+    const u32x16 even = u << 16, odd = u & 0xffff0000u;
+    std::memcpy(&w[2 * h], &even, sizeof even);
+    std::memcpy(&w[2 * h + 1], &odd, sizeof odd);
   }
 }
 
-// y[0..od) += v[0..rank) @ b[rank, od], 64 outputs at a time held in registers; ranks
-// whose v is 0 (padding, or a module the adapter lacks) are skipped.
+typedef int32_t i32x16 __attribute__((vector_size(64)));
+
+// y[0..64) += the sums of load64's columns, back in order
 template <typename W, typename X>
-void expand(const float* __restrict v, int64_t rank, const W* __restrict b, int64_t od, X* __restrict y) {
+inline void store64(X* y, const f32x16* acc) {
+  if constexpr (std::is_same_v<W, uint16_t>) {
+    const i32x16 lo = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23};
+    const i32x16 hi = lo + 8;
+    UNROLL for (int h = 0; h < 2; ++h) {
+      add16(y + 32 * h, __builtin_shuffle(acc[2 * h], acc[2 * h + 1], lo));
+      add16(y + 32 * h + 16, __builtin_shuffle(acc[2 * h], acc[2 * h + 1], hi));
+    }
+  } else {
+    UNROLL for (int q = 0; q < 4; ++q) add16(y + 16 * q, acc[q]);
+  }
+}
+
+// y[r][0..od) += v[r][0..rank) @ b[r][rank, od] for the tile's rows, 64 outputs at a time
+// held in registers; ranks whose v is 0 (padding, or a module the adapter lacks) are
+// skipped, per row. SHARED: every row has the same b, loaded once per rank.
+template <int R, bool SHARED, typename W, typename X>
+void expand_tile(const float* const* v, int64_t rank, const W* const* b, int64_t od, X* const* y) {
   int64_t ob = 0;
   for (; ob + 64 <= od; ob += 64) {
-    float acc[64] = {};
-    for (int64_t k = 0; k < rank; ++k)
-      if (v[k] != 0.0f) axpy_block<64>(acc, v[k], b + k * od + ob);
-    for (int o = 0; o < 64; ++o) add_to(y, ob + o, acc[o]);
+    f32x16 acc[R][4];
+    UNROLL for (int r = 0; r < R; ++r)
+      UNROLL for (int q = 0; q < 4; ++q) acc[r][q] = f32x16{};
+    for (int64_t k = 0; k < rank; ++k) {
+      f32x16 w[4];
+      if constexpr (SHARED) load64(b[0] + k * od + ob, w);
+      UNROLL for (int r = 0; r < R; ++r) {
+        const float vk = v[r][k];
+        if (vk == 0.0f) continue;
+        if constexpr (!SHARED) load64(b[r] + k * od + ob, w);
+        UNROLL for (int q = 0; q < 4; ++q) acc[r][q] += vk * w[q];
+      }
+    }
+    UNROLL for (int r = 0; r < R; ++r) store64<W, X>(y[r] + ob, acc[r]);
   }
-  for (; ob < od; ++ob) {
-    float acc = 0.0f;
-    for (int64_t k = 0; k < rank; ++k) acc += v[k] * widen(b[k * od + ob]);
-    add_to(y, ob, acc);
-  }
+  UNROLL for (int r = 0; r < R; ++r)
+    for (int64_t o = ob; o < od; ++o) {
+      float acc = 0.0f;
+      for (int64_t k = 0; k < rank; ++k) acc += v[r][k] * widen(b[r][k * od + o]);
+      add_to(y[r], o, acc);
+    }
+}
+
+template <bool SHARED, typename W, typename X>
+void expand(int rows, const float* const* v, int64_t rank, const W* const* b, int64_t od, X* const* y) {
+  // a row's tile is 4 blocks of 16 outputs; rows that share b share its loads too
+  constexpr int R = CHAINS < 8 ? 1 : SHARED ? 4 : 2;
+  int r0 = 0;
+  for (; r0 + R <= rows; r0 += R) expand_tile<R, SHARED, W, X>(v + r0, rank, b + r0, od, y + r0);
+  for (; r0 < rows; ++r0) expand_tile<1, SHARED, W, X>(v + r0, rank, b + r0, od, y + r0);
 }
 
 template <typename W, typename X>
@@ -83,19 +223,54 @@ void run(const X* x, int64_t x_stride, int64_t in, const int64_t* slot, int64_t 
   std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return slot[a] < slot[b]; });
   const int64_t m = static_cast<int64_t>(B.size());
 
+  // each thread takes whole tiles: a run of rows sharing a slot (weights read once for all),
+  // else up to MAX_TILE_ROWS rows on their own adapters
   at::parallel_for(0, static_cast<int64_t>(order.size()), 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> xf(in), xa(mr);
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t i = order[t], s = slot[i];
-      const X* xi = x + i * x_stride;
-      for (int64_t c = 0; c < in; ++c) xf[c] = widen(xi[c]);
-      shrink(xf.data(), in, A + s * in * mr, mr, xa.data());
-      for (int64_t j = 0; j < m; ++j) {
-        const float* v = xa.data() + j * rank;
-        bool any = false;
-        for (int64_t k = 0; k < rank; ++k) any = any || v[k] != 0.0f;
-        if (any) expand(v, rank, B[j] + s * rank * out_dim[j], out_dim[j], y[j] + i * y_stride[j]);
+    std::vector<float> xf(MAX_TILE_ROWS * in), xa(MAX_TILE_ROWS * mr);
+    const float* xp[MAX_TILE_ROWS];
+    float* xap[MAX_TILE_ROWS];
+    const W* ap[MAX_TILE_ROWS];
+    const float* vp[MAX_TILE_ROWS];
+    const W* bp[MAX_TILE_ROWS];
+    X* yp[MAX_TILE_ROWS];
+    for (int r = 0; r < MAX_TILE_ROWS; ++r) {
+      xp[r] = xf.data() + r * in;
+      xap[r] = xa.data() + r * mr;
+    }
+    for (int64_t t = begin; t < end;) {
+      int64_t same = 1;
+      while (t + same < end && same < MAX_TILE_ROWS && slot[order[t + same]] == slot[order[t]]) ++same;
+      const bool shared = same > 1;
+      int count = static_cast<int>(same);
+      if (!shared)  // rows on their own adapters, up to where a run that shares one begins
+        while (count < MAX_TILE_ROWS && t + count < end &&
+               !(t + count + 1 < end && slot[order[t + count + 1]] == slot[order[t + count]]))
+          ++count;
+      for (int r = 0; r < count; ++r) {
+        const int64_t i = order[t + r];
+        const X* xi = x + i * x_stride;
+        for (int64_t c = 0; c < in; ++c) xf[r * in + c] = widen(xi[c]);
+        ap[r] = A + slot[i] * in * mr;
       }
+      if (shared) shrink<true, W>(count, xp, in, ap, mr, xap);
+      else shrink<false, W>(count, xp, in, ap, mr, xap);
+      for (int64_t j = 0; j < m; ++j) {
+        int live = 0;  // rows whose rank-j part is not all zero
+        for (int r = 0; r < count; ++r) {
+          const float* v = xap[r] + j * rank;
+          bool any = false;
+          for (int64_t k = 0; k < rank; ++k) any = any || v[k] != 0.0f;
+          if (!any) continue;
+          const int64_t i = order[t + r];
+          vp[live] = v;
+          bp[live] = B[j] + slot[i] * rank * out_dim[j];
+          yp[live] = y[j] + i * y_stride[j];
+          ++live;
+        }
+        if (shared) expand<true, W, X>(live, vp, rank, bp, out_dim[j], yp);
+        else expand<false, W, X>(live, vp, rank, bp, out_dim[j], yp);
+      }
+      t += count;
     }
   });
 }
