@@ -76,6 +76,45 @@ constexpr int MAX_TILE_ROWS = 8;
 // the loops over a tile's rows and blocks unrolled, so its sums stay in registers
 #define UNROLL _Pragma("GCC unroll 8")
 
+// NB*16 consecutive weights as NB vectors. bf16 is widened two at a time: each 32-bit lane
+// holds two, and one shift (or mask) widens the even (or odd) ones, half the work of
+// widening 16 in order; a pair of vectors then holds columns 0,2,..,30 and 1,3,..,31 of
+// its 32, and in_order() puts sums of them back in order. An odd last block is widened
+// in order. fp32 weights are loaded as they lie.
+template <int NB>
+inline void load_blocks(const float* p, f32x16* w) {
+  UNROLL for (int b = 0; b < NB; ++b) w[b] = load16(p + 16 * b);
+}
+template <int NB>
+inline void load_blocks(const uint16_t* p, f32x16* w) {
+  UNROLL for (int h = 0; h < NB / 2; ++h) {
+    u32x16 u;
+    std::memcpy(&u, p + 32 * h, sizeof u);
+    const u32x16 even = u << 16, odd = u & 0xffff0000u;
+    std::memcpy(&w[2 * h], &even, sizeof even);
+    std::memcpy(&w[2 * h + 1], &odd, sizeof odd);
+  }
+  if constexpr (NB % 2 == 1) w[NB - 1] = load16(p + 32 * (NB / 2));
+}
+
+typedef int32_t i32x16 __attribute__((vector_size(64)));
+
+// sums of load_blocks' columns, in column order (a no-op for fp32 weights)
+template <int NB, typename W>
+inline void in_order(const f32x16* acc, f32x16* out) {
+  if constexpr (std::is_same_v<W, uint16_t>) {
+    const i32x16 lo = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23};
+    const i32x16 hi = lo + 8;
+    UNROLL for (int h = 0; h < NB / 2; ++h) {
+      out[2 * h] = __builtin_shuffle(acc[2 * h], acc[2 * h + 1], lo);
+      out[2 * h + 1] = __builtin_shuffle(acc[2 * h], acc[2 * h + 1], hi);
+    }
+    if constexpr (NB % 2 == 1) out[NB - 1] = acc[NB - 1];
+  } else {
+    UNROLL for (int b = 0; b < NB; ++b) out[b] = acc[b];
+  }
+}
+
 // xa[r][kb..kb+16*NB) for the R rows of a tile: x[r] widened to fp32, a[r] its A. SHARED:
 // every row has the same A, widened once per step of the sums.
 template <int R, int NB, bool SHARED, typename W>
@@ -86,7 +125,7 @@ void shrink_tile(const float* const* x, int64_t in, const W* const* a, int64_t m
   for (int64_t c = 0; c < in; ++c) {
     if constexpr (SHARED) {
       f32x16 w[NB];
-      UNROLL for (int b = 0; b < NB; ++b) w[b] = load16(a[0] + c * mr + kb + 16 * b);
+      load_blocks<NB>(a[0] + c * mr + kb, w);
       UNROLL for (int r = 0; r < R; ++r) {
         const float xc = x[r][c];
         UNROLL for (int b = 0; b < NB; ++b) acc[r][b] += xc * w[b];
@@ -94,12 +133,17 @@ void shrink_tile(const float* const* x, int64_t in, const W* const* a, int64_t m
     } else {
       UNROLL for (int r = 0; r < R; ++r) {
         const float xc = x[r][c];
-        const W* w = a[r] + c * mr + kb;
-        UNROLL for (int b = 0; b < NB; ++b) acc[r][b] += xc * load16(w + 16 * b);
+        f32x16 w[NB];
+        load_blocks<NB>(a[r] + c * mr + kb, w);
+        UNROLL for (int b = 0; b < NB; ++b) acc[r][b] += xc * w[b];
       }
     }
   }
-  UNROLL for (int r = 0; r < R; ++r) std::memcpy(xa[r] + kb, acc[r], sizeof acc[r]);
+  UNROLL for (int r = 0; r < R; ++r) {
+    f32x16 out[NB];
+    in_order<NB, W>(acc[r], out);
+    std::memcpy(xa[r] + kb, out, sizeof out);
+  }
 }
 
 template <int NB, bool SHARED, typename W>
@@ -139,40 +183,6 @@ void shrink(int rows, const float* const* x, int64_t in, const W* const* a, int6
     }
 }
 
-// 64 consecutive weights as four vectors. bf16 is widened two at a time: each 32-bit lane
-// holds two, and one shift (or mask) widens the even (or odd) ones, half the work of
-// widening 16 in order; the vectors then hold columns 0,2,..,30 | 1,3,..,31 | 32,34,.. | 33,..
-// and store64 puts them back in order.
-inline void load64(const float* p, f32x16* w) {
-  UNROLL for (int q = 0; q < 4; ++q) w[q] = load16(p + 16 * q);
-}
-inline void load64(const uint16_t* p, f32x16* w) {
-  UNROLL for (int h = 0; h < 2; ++h) {
-    u32x16 u;
-    std::memcpy(&u, p + 32 * h, sizeof u);
-    const u32x16 even = u << 16, odd = u & 0xffff0000u;
-    std::memcpy(&w[2 * h], &even, sizeof even);
-    std::memcpy(&w[2 * h + 1], &odd, sizeof odd);
-  }
-}
-
-typedef int32_t i32x16 __attribute__((vector_size(64)));
-
-// y[0..64) += the sums of load64's columns, back in order
-template <typename W, typename X>
-inline void store64(X* y, const f32x16* acc) {
-  if constexpr (std::is_same_v<W, uint16_t>) {
-    const i32x16 lo = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23};
-    const i32x16 hi = lo + 8;
-    UNROLL for (int h = 0; h < 2; ++h) {
-      add16(y + 32 * h, __builtin_shuffle(acc[2 * h], acc[2 * h + 1], lo));
-      add16(y + 32 * h + 16, __builtin_shuffle(acc[2 * h], acc[2 * h + 1], hi));
-    }
-  } else {
-    UNROLL for (int q = 0; q < 4; ++q) add16(y + 16 * q, acc[q]);
-  }
-}
-
 // y[r][0..od) += v[r][0..rank) @ b[r][rank, od] for the tile's rows, 64 outputs at a time
 // held in registers; ranks whose v is 0 (padding, or a module the adapter lacks) are
 // skipped, per row. SHARED: every row has the same b, loaded once per rank.
@@ -185,15 +195,19 @@ void expand_tile(const float* const* v, int64_t rank, const W* const* b, int64_t
       UNROLL for (int q = 0; q < 4; ++q) acc[r][q] = f32x16{};
     for (int64_t k = 0; k < rank; ++k) {
       f32x16 w[4];
-      if constexpr (SHARED) load64(b[0] + k * od + ob, w);
+      if constexpr (SHARED) load_blocks<4>(b[0] + k * od + ob, w);
       UNROLL for (int r = 0; r < R; ++r) {
         const float vk = v[r][k];
         if (vk == 0.0f) continue;
-        if constexpr (!SHARED) load64(b[r] + k * od + ob, w);
+        if constexpr (!SHARED) load_blocks<4>(b[r] + k * od + ob, w);
         UNROLL for (int q = 0; q < 4; ++q) acc[r][q] += vk * w[q];
       }
     }
-    UNROLL for (int r = 0; r < R; ++r) store64<W, X>(y[r] + ob, acc[r]);
+    UNROLL for (int r = 0; r < R; ++r) {
+      f32x16 out[4];
+      in_order<4, W>(acc[r], out);
+      UNROLL for (int q = 0; q < 4; ++q) add16(y[r] + ob + 16 * q, out[q]);
+    }
   }
   UNROLL for (int r = 0; r < R; ++r)
     for (int64_t o = ob; o < od; ++o) {
