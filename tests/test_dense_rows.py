@@ -87,3 +87,66 @@ def test_a_probe_result_is_kept_on_disk_and_a_restart_skips_the_probe(tmp_path, 
     restart()
     assert dense_rows.row_quantum(weight, 32, product=counted, kind="test-kept", on_disk=True) == 2
     assert calls == []
+
+
+def _fresh_probes(monkeypatch, tmp_path) -> None:
+    from hatrack.server.engine import probe_cache
+
+    monkeypatch.setenv("HATRACK_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setattr(dense_rows, "_probed", {})
+    monkeypatch.setattr(dense_rows, "_tiles", {})
+    monkeypatch.setattr(probe_cache, "_files", {})
+
+
+def test_a_product_that_switches_kernels_above_the_decode_batch_runs_a_tile_at_a_time(monkeypatch, tmp_path):
+    # like oneDNN's bf16 kernels on an AMX CPU: up to 32 rows one set of bits, more rows
+    # another, so a prompt's rows prefilled beside other prompts would answer differently
+    _fresh_probes(monkeypatch, tmp_path)
+    plain = F.linear
+
+    def switching(x, weight, bias=None):  # each row on its own (no other batch effect), off above 32
+        out = torch.cat([plain(x[i:i + 1], weight, bias) for i in range(x.shape[0])])
+        return out + 1e-3 if x.shape[0] > 32 else out
+
+    monkeypatch.setattr(F, "linear", switching)
+    layer = torch.nn.Linear(40, 24, bias=False)
+    rows = torch.randn(100, 40, generator=torch.Generator().manual_seed(5))
+    alone = torch.cat([plain(rows[i:i + 1], layer.weight) for i in range(100)])
+    assert not torch.equal(layer(rows), alone)  # unwrapped: the 100-row product is off
+
+    dense_rows.pad_rows([layer], 32, max_forward_rows=200)  # a decode batch of 32
+
+    assert layer._row_tile == 32
+    with torch.no_grad():
+        assert torch.equal(layer(rows), alone)  # 100 rows as 32 + 32 + 32 + 4: each row's own bits
+        assert torch.equal(layer(rows[None, :7]), alone[None, :7])  # a batch's shape is kept
+
+
+def test_a_product_that_keeps_its_bits_at_every_size_is_left_alone(monkeypatch, tmp_path):
+    _fresh_probes(monkeypatch, tmp_path)
+    plain = F.linear
+    monkeypatch.setattr(F, "linear", lambda x, weight, bias=None: torch.cat(
+        [plain(x[i:i + 1], weight, bias) for i in range(x.shape[0])]))  # each row on its own
+    layer = torch.nn.Linear(40, 24, bias=False)
+    forward = layer.forward
+
+    assert dense_rows.pad_rows([layer], 8, max_forward_rows=200) == 1
+    assert layer.forward == forward and not hasattr(layer, "_row_tile")
+
+
+def test_large_sizes_reach_the_largest_forward_in_steps_per_doubling():
+    sizes = dense_rows.large_sizes(32, 544, 1)
+    assert sizes == sorted(set(sizes)) and sizes[0] > 32 and sizes[-1] >= 544
+    assert len([n for n in sizes if n <= 64]) >= 2  # 36-ish, 48-ish, 64: a switch at 33 is seen
+
+
+def test_bf16_products_on_an_amx_cpu_are_tiled_without_trusting_random_rows(monkeypatch, tmp_path):
+    # random rows matched where the real base's prompt rows did not (dense_rows' docstring)
+    _fresh_probes(monkeypatch, tmp_path)
+    monkeypatch.setattr(dense_rows, "_has_amx", lambda: True)
+    weight = torch.randn(24, 40, generator=torch.Generator().manual_seed(6)).to(torch.bfloat16)
+    exact = lambda rows: _each_row(rows, weight)  # noqa: E731
+
+    assert dense_rows.row_tile(weight, 32, 200, product=exact, kind="test-amx") == 32
+    monkeypatch.setattr(dense_rows, "_has_amx", lambda: False)
+    assert dense_rows.row_tile(weight, 32, 200, product=exact, kind="test-amx") == 0  # the probe decides

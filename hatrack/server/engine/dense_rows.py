@@ -12,6 +12,15 @@ int8wo`) are probed the same way with their own product (torch's int8 kernel gav
 the same bits at 1..64 rows on AVX2, so quantum 1 there). bitsandbytes layers are not plain
 nn.Linear and keep their own forward (int8: int8_rows.py). Packed bf16 projections
 (packed_linear.py) are probed with their own product too.
+
+A BLAS may also switch kernels above the decode batch: measured with oneDNN's bf16
+kernels on an Intel Xeon with AMX (2026-12-06), a 1536 -> 576 product gives a row one set
+of bits at 1..32 rows and another at 33..320, so a prompt token prefilled among other
+prompts' tokens, or in a fused decode step, got other bits than alone (32 of 99 greedy
+answers on the real base differed from the same request alone). So the probe also tries a
+spread of larger products, up to the largest forward the engine runs; where one of them
+gives a row other bits, every product of that module runs at most the decode batch's
+rows at a time (its tile), the rows the probe checked.
 """
 
 from __future__ import annotations
@@ -32,8 +41,9 @@ PROBE_ROWS = 256  # random rows each product size is checked on...
 PROBE_MACS = 8e9  # ...fewer for a large weight (the LM head), to keep start-up short
 # what a kept result depends on besides the CPU and torch (probe_cache.py): raise the version
 # when the probe changes
-PROBE_SETTINGS = f"version 2; quanta {QUANTA}; rows {PROBE_ROWS}; macs {PROBE_MACS}"
+PROBE_SETTINGS = f"version 4; quanta {QUANTA}; rows {PROBE_ROWS}; macs {PROBE_MACS}"
 _probed: dict[tuple, int] = {}  # (kind, device, dtype, in, out, rows, threads) -> quantum
+_tiles: dict[tuple, int] = {}  # the same key and the largest forward -> tile (0: none needed)
 
 
 def row_quantum(weight: torch.Tensor, max_rows: int, product=None, x_dtype: torch.dtype | None = None,
@@ -92,10 +102,83 @@ def row_quantum(weight: torch.Tensor, max_rows: int, product=None, x_dtype: torc
     return _probed[key]
 
 
-def pad_rows(modules, max_rows: int, dtype: torch.dtype = torch.float32) -> int:
+def large_sizes(top: int, max_forward_rows: int, quantum: int) -> list[int]:
+    """The row counts above `top` the tile probe tries: a few per doubling (where a BLAS's
+    kernel choice may switch), as the packed products round them (packed_linear.padded_rows),
+    multiples of the quantum, up to the largest forward."""
+    sizes: set[int] = set()
+    size = top
+    while size < max_forward_rows:
+        for part in (9, 12, 16):  # 1.125x, 1.5x and 2x the last doubling
+            n = min(size * part // 8, max_forward_rows)
+            sizes.add(-(-packed_linear.padded_rows(n) // quantum) * quantum)
+        size *= 2
+    return sorted(n for n in sizes if n > top)
+
+
+def _has_amx() -> bool:
+    """Whether oneDNN may run this CPU's bf16 products on AMX tiles."""
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool(probe()) if probe is not None else False
+
+
+def row_tile(weight: torch.Tensor, max_rows: int, max_forward_rows: int, product=None,
+             x_dtype: torch.dtype | None = None, kind: str = "linear", on_disk: bool = False) -> int:
+    """0 if products of more than max_rows rows (up to max_forward_rows) give each row the
+    bits it has in products of up to max_rows (rounded up as row_quantum rounds it); else
+    that rounded max_rows, the most rows a product of this weight may run at once. The
+    larger sizes tried are large_sizes(), within PROBE_MACS multiply-adds."""
+    out_dim, in_dim = weight.shape
+    x_dtype = x_dtype or weight.dtype
+    if product is None:
+        def product(rows: torch.Tensor) -> torch.Tensor:
+            return F.linear(rows, weight)
+    quantum = row_quantum(weight, max_rows, product=product, x_dtype=x_dtype, kind=kind, on_disk=on_disk)
+    top = -(-max(max_rows, 1) // QUANTA[-1]) * QUANTA[-1]
+    if x_dtype in (torch.bfloat16, torch.float16) and weight.device.type == "cpu" and _has_amx():
+        # oneDNN runs small half-precision products on AVX-512 and larger ones on AMX tiles; a
+        # half-precision output rounds away most of that change, so random rows rarely show it:
+        # the real base's 576 -> 192 products gave its prompts' rows other bits at 471 rows while
+        # 471 random rows matched. Tile these always (where AMX is absent, the probe decides:
+        # on an AMD EPYC with AVX-512 BF16 nothing needed a tile, 0 of 99 answers differed).
+        return top
+    key = (kind, str(weight.device), x_dtype, in_dim, out_dim, top, torch.get_num_threads(), max_forward_rows)
+    disk = probe_cache.path_for(PROBE_SETTINGS) if on_disk and weight.device.type == "cpu" else None
+    if key not in _tiles and disk is not None:
+        kept = probe_cache.lookup(disk, repr(key))
+        if kept in (0, top):
+            _tiles[key] = kept
+    if key not in _tiles:
+        sizes, macs = [], 0.0
+        for n in large_sizes(top, max_forward_rows, quantum):
+            macs += n * in_dim * out_dim
+            if macs > PROBE_MACS:
+                break
+            sizes.append(n)
+        tile = 0
+        if sizes:
+            gen = torch.Generator().manual_seed(1)
+            x = torch.randn(sizes[-1], in_dim, generator=gen).to(device=weight.device, dtype=x_dtype)
+            with torch.no_grad():
+                ref = torch.cat([product(x[t:t + top]) for t in range(0, sizes[-1], top)])
+                off = [n for n in sizes if not torch.equal(product(x[:n]), ref[:n])]
+            if off:
+                tile = top
+                log.info("%d x %d %s %s products of %s rows give rows other bits than products of up to %d: "
+                         "running %d rows at a time", in_dim, out_dim, kind, x_dtype, off, top, top)
+        _tiles[key] = tile
+        if disk is not None:
+            probe_cache.remember(disk, repr(key), tile)
+    return _tiles[key]
+
+
+def pad_rows(modules, max_rows: int, dtype: torch.dtype = torch.float32, max_forward_rows: int | None = None) -> int:
     """Give each plain nn.Linear among `modules` (searched recursively), dense or weight-only
-    int8, a forward that pads its rows to the probed quantum. dtype: the activations'
-    dtype a weight-only layer is called with. Returns the largest quantum used (1: no padding)."""
+    int8, a forward that pads its rows to the probed quantum and, where larger products
+    would give rows other bits (row_tile), runs more than max_rows rows a tile at a time.
+    dtype: the activations' dtype a weight-only layer is called with; max_forward_rows: the
+    most rows a forward gives these modules (default max_rows). Returns the largest quantum
+    used (1: no padding)."""
     largest = 1
     for root in modules:
         for module in root.modules():
@@ -106,13 +189,18 @@ def pad_rows(modules, max_rows: int, dtype: torch.dtype = torch.float32) -> int:
                 # its own product, unpadded (a second engine on the same model finds it padded)
                 product = getattr(module, "_unpadded_forward", module.forward)
                 kind, x_dtype = ("packed", module.weight.dtype) if packed else ("int8wo", dtype)
-                q = row_quantum(module.weight, max_rows, product=product, x_dtype=x_dtype, kind=kind, on_disk=True)
+                weight = module.weight
             elif module.weight.is_floating_point():
-                q = row_quantum(module.weight.detach(), max_rows, on_disk=True)
+                product, kind, x_dtype, weight = None, "linear", None, module.weight.detach()
             else:
                 continue
-            if q > 1:
-                module._row_quantum = q
+            q = row_quantum(weight, max_rows, product=product, x_dtype=x_dtype, kind=kind, on_disk=True)
+            tile = 0
+            if max_forward_rows and max_forward_rows > max_rows:
+                tile = row_tile(weight, max_rows, max_forward_rows, product=product, x_dtype=x_dtype, kind=kind,
+                                on_disk=True)
+            if q > 1 or tile:
+                module._row_quantum, module._row_tile = q, tile
                 if not hasattr(module, "_unpadded_forward"):  # padded once, whatever engines follow
                     module._unpadded_forward = module.forward  # F.linear, or the int8 product
                     module.forward = types.MethodType(_forward, module)
@@ -120,11 +208,19 @@ def pad_rows(modules, max_rows: int, dtype: torch.dtype = torch.float32) -> int:
     return largest
 
 
-def _forward(self, x: torch.Tensor) -> torch.Tensor:
+def _padded(self, flat: torch.Tensor) -> torch.Tensor:
     q = self._row_quantum
-    flat = x.reshape(-1, x.shape[-1])
     n = flat.shape[0]
     if n % q:
         flat = torch.cat([flat, flat.new_zeros(q - n % q, flat.shape[1])])
-    out = self._unpadded_forward(flat)[:n]
+    return self._unpadded_forward(flat)[:n]
+
+
+def _forward(self, x: torch.Tensor) -> torch.Tensor:
+    flat = x.reshape(-1, x.shape[-1])
+    tile = getattr(self, "_row_tile", 0)
+    if tile and flat.shape[0] > tile:
+        out = torch.cat([_padded(self, flat[s:s + tile]) for s in range(0, flat.shape[0], tile)])
+    else:
+        out = _padded(self, flat)
     return out.reshape(*x.shape[:-1], out.shape[-1])

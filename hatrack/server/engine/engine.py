@@ -102,8 +102,10 @@ class Engine:
         self.max_batch = max_batch
         self.max_waiting = max_waiting
         # start-up work on a thread that exits: it leaves no OpenMP pool beside the engine's (threads.py)
-        self.runner = on_passing_thread(lambda: LlamaRunner(model, max_batch=max_batch, max_context=max_context,
-                                                            kv_cache_bytes=kv_cache_bytes))
+        self.runner = on_passing_thread(lambda: LlamaRunner(
+            model, max_batch=max_batch, max_context=max_context, kv_cache_bytes=kv_cache_bytes,
+            # a fused step: the running rows and a budget's prompt tokens in one forward
+            max_forward_rows=max_batch + prefill_budget))
         self.kv = self.runner.kv
         if prefix_cache_bytes is None:
             prefix_cache_bytes = min(DEFAULT_PREFIX_CACHE_BYTES, self.kv.budget_bytes // 4)
