@@ -66,17 +66,11 @@ def row_quantum(weight: torch.Tensor, max_rows: int, product=None, x_dtype: torc
     names them exactly."""
     out_dim, in_dim = weight.shape
     x_dtype = x_dtype or weight.dtype
-    if product is None:
-        def product(rows: torch.Tensor) -> torch.Tensor:
-            return F.linear(rows, weight)
-    top = -(-max(max_rows, 1) // QUANTA[-1]) * QUANTA[-1]
+    product = product or _linear_product(weight)
+    top = _rounded_rows(max_rows)
     key = (kind, str(weight.device), x_dtype, in_dim, out_dim, top, torch.get_num_threads())
-    disk = probe_cache.path_for(PROBE_SETTINGS) if on_disk and weight.device.type == "cpu" else None
-    if key not in _probed and disk is not None:
-        kept = probe_cache.lookup(disk, repr(key))
-        if kept in QUANTA:
-            _probed[key] = kept
-    if key not in _probed:
+
+    def probe() -> int:
         affordable = int(PROBE_MACS // (in_dim * out_dim * max(top - 1, 1)))
         rows = max(top, min(PROBE_ROWS, affordable) // top * top)
         gen = torch.Generator().manual_seed(0)
@@ -96,10 +90,36 @@ def row_quantum(weight: torch.Tensor, max_rows: int, product=None, x_dtype: torc
                 log.warning("no row padding makes %d x %d %s %s products row-independent on %s (rows that "
                             "differ at each padding: %s); padding to %d, answers may depend on the batch",
                             in_dim, out_dim, kind, x_dtype, weight.device, off, found)
-        _probed[key] = found
+        return found
+
+    return _remembered(_probed, key, weight.device, on_disk, lambda kept: kept in QUANTA, probe)
+
+
+def _linear_product(weight: torch.Tensor):
+    """The default product a probe checks: F.linear with `weight`."""
+    def product(rows: torch.Tensor) -> torch.Tensor:
+        return F.linear(rows, weight)
+    return product
+
+
+def _rounded_rows(max_rows: int) -> int:
+    """max_rows rounded up to the largest quantum: the most rows a probed product runs."""
+    return -(-max(max_rows, 1) // QUANTA[-1]) * QUANTA[-1]
+
+
+def _remembered(memo: dict, key: tuple, device: torch.device, on_disk: bool, valid, probe) -> int:
+    """memo[key]; else, with on_disk on a CPU, the result kept on disk for this CPU and torch
+    if valid(it); else probe(), kept in memo and (on_disk) on disk."""
+    disk = probe_cache.path_for(PROBE_SETTINGS) if on_disk and device.type == "cpu" else None
+    if key not in memo and disk is not None:
+        kept = probe_cache.lookup(disk, repr(key))
+        if valid(kept):
+            memo[key] = kept
+    if key not in memo:
+        memo[key] = probe()
         if disk is not None:
-            probe_cache.remember(disk, repr(key), found)
-    return _probed[key]
+            probe_cache.remember(disk, repr(key), memo[key])
+    return memo[key]
 
 
 def large_sizes(top: int, max_forward_rows: int, quantum: int) -> list[int]:
@@ -130,11 +150,9 @@ def row_tile(weight: torch.Tensor, max_rows: int, max_forward_rows: int, product
     larger sizes tried are large_sizes(), within PROBE_MACS multiply-adds."""
     out_dim, in_dim = weight.shape
     x_dtype = x_dtype or weight.dtype
-    if product is None:
-        def product(rows: torch.Tensor) -> torch.Tensor:
-            return F.linear(rows, weight)
+    product = product or _linear_product(weight)
     quantum = row_quantum(weight, max_rows, product=product, x_dtype=x_dtype, kind=kind, on_disk=on_disk)
-    top = -(-max(max_rows, 1) // QUANTA[-1]) * QUANTA[-1]
+    top = _rounded_rows(max_rows)
     if x_dtype in (torch.bfloat16, torch.float16) and weight.device.type == "cpu" and _has_amx():
         # oneDNN runs small half-precision products on AVX-512 and larger ones on AMX tiles; a
         # half-precision output rounds away most of that change, so random rows rarely show it:
@@ -143,33 +161,28 @@ def row_tile(weight: torch.Tensor, max_rows: int, max_forward_rows: int, product
         # on an AMD EPYC with AVX-512 BF16 nothing needed a tile, 0 of 99 answers differed).
         return top
     key = (kind, str(weight.device), x_dtype, in_dim, out_dim, top, torch.get_num_threads(), max_forward_rows)
-    disk = probe_cache.path_for(PROBE_SETTINGS) if on_disk and weight.device.type == "cpu" else None
-    if key not in _tiles and disk is not None:
-        kept = probe_cache.lookup(disk, repr(key))
-        if kept in (0, top):
-            _tiles[key] = kept
-    if key not in _tiles:
+
+    def probe() -> int:
         sizes, macs = [], 0.0
         for n in large_sizes(top, max_forward_rows, quantum):
             macs += n * in_dim * out_dim
             if macs > PROBE_MACS:
                 break
             sizes.append(n)
-        tile = 0
-        if sizes:
-            gen = torch.Generator().manual_seed(1)
-            x = torch.randn(sizes[-1], in_dim, generator=gen).to(device=weight.device, dtype=x_dtype)
-            with torch.no_grad():
-                ref = torch.cat([product(x[t:t + top]) for t in range(0, sizes[-1], top)])
-                off = [n for n in sizes if not torch.equal(product(x[:n]), ref[:n])]
-            if off:
-                tile = top
-                log.info("%d x %d %s %s products of %s rows give rows other bits than products of up to %d: "
-                         "running %d rows at a time", in_dim, out_dim, kind, x_dtype, off, top, top)
-        _tiles[key] = tile
-        if disk is not None:
-            probe_cache.remember(disk, repr(key), tile)
-    return _tiles[key]
+        if not sizes:
+            return 0
+        gen = torch.Generator().manual_seed(1)
+        x = torch.randn(sizes[-1], in_dim, generator=gen).to(device=weight.device, dtype=x_dtype)
+        with torch.no_grad():
+            ref = torch.cat([product(x[t:t + top]) for t in range(0, sizes[-1], top)])
+            off = [n for n in sizes if not torch.equal(product(x[:n]), ref[:n])]
+        if not off:
+            return 0
+        log.info("%d x %d %s %s products of %s rows give rows other bits than products of up to %d: "
+                 "running %d rows at a time", in_dim, out_dim, kind, x_dtype, off, top, top)
+        return top
+
+    return _remembered(_tiles, key, weight.device, on_disk, lambda kept: kept in (0, top), probe)
 
 
 def pad_rows(modules, max_rows: int, dtype: torch.dtype = torch.float32, max_forward_rows: int | None = None) -> int:
@@ -218,7 +231,7 @@ def _padded(self, flat: torch.Tensor) -> torch.Tensor:
 
 def _forward(self, x: torch.Tensor) -> torch.Tensor:
     flat = x.reshape(-1, x.shape[-1])
-    tile = getattr(self, "_row_tile", 0)
+    tile = self._row_tile  # set with _row_quantum by pad_rows
     if tile and flat.shape[0] > tile:
         out = torch.cat([_padded(self, flat[s:s + tile]) for s in range(0, flat.shape[0], tile)])
     else:
