@@ -127,3 +127,16 @@ def test_a_batch_size_the_processes_cannot_split_is_refused_before_launching(hat
     assert proc.stderr == ("error: --batch-size 3 cannot be split evenly among 2 processes (it is rows per step "
                            "of the whole run); pass a multiple of 2\n")
     assert list(hatrack_home.glob("runs/*")) == []
+
+
+def test_a_process_of_a_launched_run_keeps_its_output_and_exit_code(registry, codes):
+    # such a process leaves without the interpreter's teardown (os._exit): what it printed
+    # to a pipe must still arrive whole, and its exit code be its command's
+    env = {**_env(), "WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1"}
+    train(TrainConfig(data=str(codes), name="codes", base="tiny", max_steps=1, eval_split=0), registry, progress=False)
+    listed = subprocess.run([HATRACK, "list", "--json"], env=env, capture_output=True, text=True, timeout=120)
+    assert listed.returncode == 0, listed.stderr
+    assert [v["version"] for v in json.loads(listed.stdout)] == [1]
+    missing = subprocess.run([HATRACK, "show", "codes@9"], env=env, capture_output=True, text=True, timeout=120)
+    assert (missing.returncode, missing.stdout) == (1, "")
+    assert missing.stderr == "error: (process 1) 'codes' has no version 9\n"

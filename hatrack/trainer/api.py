@@ -203,20 +203,23 @@ def train(config: TrainConfig, registry: Registry, *, progress: bool = True) -> 
     procs = distributed.current()
     if procs.distributed:
         procs = distributed.start(basemodel.best_device())
+    clean = False
     try:
         # checked by the main process first, so a bad option or row is reported once
         dataset = procs.main_first(lambda: precheck(config, procs.world))
         # the main process prepares the run folder (a fresh run id, or the checkpoint
         # to resume from); every process trains with what it decided
         config, run_dir, checkpoint = procs.from_main(lambda: _prepare_main(registry, config, dataset.sha256, procs.world))
-        return _train(config, registry, dataset, run_dir, checkpoint, procs, progress and procs.is_main)
+        outcome = _train(config, registry, dataset, run_dir, checkpoint, procs, progress and procs.is_main)
+        clean = True
+        return outcome
     except RuntimeError as err:
         lost = distributed.lost_peer(err) if procs.distributed else None
         if lost is None:
             raise
         raise HatrackError(f"another process of this run is gone ({lost}); nothing was registered") from None
     finally:
-        procs.finish()
+        procs.finish(clean)
 
 
 def _train(config: TrainConfig, registry: Registry, dataset: data_mod.Dataset, run_dir: Path,

@@ -109,11 +109,19 @@ class Processes:
         self.from_main(lambda: None)
         return fn()
 
-    def finish(self) -> None:
+    def finish(self, clean: bool) -> None:
+        """Leave the run. After a clean end every process first waits for the others (the
+        main one registering the version), so none takes its connections down while a
+        peer is still working; after a failure a peer may be gone, so none waits."""
         if self.distributed:
             import torch.distributed as dist
 
             if dist.is_initialized():
+                if clean:
+                    try:
+                        dist.barrier()
+                    except RuntimeError:
+                        pass  # a peer failed after this process's part was done; that peer reports it
                 dist.destroy_process_group()
 
 
