@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from hatrack import weight_only_int8
 from hatrack.server.engine import packed_linear, probe_cache
+from hatrack.server.engine.kv_cache import round_up
 
 log = logging.getLogger("hatrack.engine")
 
@@ -104,7 +105,7 @@ def _linear_product(weight: torch.Tensor):
 
 def _rounded_rows(max_rows: int) -> int:
     """max_rows rounded up to the largest quantum: the most rows a probed product runs."""
-    return -(-max(max_rows, 1) // QUANTA[-1]) * QUANTA[-1]
+    return round_up(max(max_rows, 1), QUANTA[-1])
 
 
 def _remembered(memo: dict, key: tuple, device: torch.device, on_disk: bool, valid, probe) -> int:
@@ -131,7 +132,7 @@ def large_sizes(top: int, max_forward_rows: int, quantum: int) -> list[int]:
     while size < max_forward_rows:
         for part in (9, 12, 16):  # 1.125x, 1.5x and 2x the last doubling
             n = min(size * part // 8, max_forward_rows)
-            sizes.add(-(-packed_linear.padded_rows(n) // quantum) * quantum)
+            sizes.add(round_up(packed_linear.padded_rows(n), quantum))
         size *= 2
     return sorted(n for n in sizes if n > top)
 
