@@ -1,5 +1,6 @@
-"""bf16 projections packed in oneDNN's layout (packed_linear.py): the engine packs a bf16
-base on CPU, and a packed model answers with the same bits as before packing."""
+"""bf16 projections packed at start (packed_linear.py), for the engine's own product
+(csrc/linear_cpu.cpp) or in oneDNN's layout: the engine packs a bf16 base on CPU, and a
+packed model answers with the same bits as before packing."""
 
 from __future__ import annotations
 
@@ -23,6 +24,15 @@ def _projections(model) -> list[torch.nn.Linear]:
     return [m for layer in model.model.layers for m in layer.modules() if isinstance(m, torch.nn.Linear)]
 
 
+def _packed(module) -> bool:
+    kind = packed_linear.packed_kind(module)
+    return kind == "dot" or (kind == "packed" and module.weight.is_mkldnn)
+
+
+dot_here = pytest.mark.skipif(packed_linear.dot_kernel() is None,
+                              reason="the engine's bf16 product needs AVX-512 BF16 and the CPU kernels")
+
+
 @packs_here
 def test_a_packed_model_gives_the_same_logits_and_keeps_its_modules(tiny_base_dir):
     model = _bf16_model(tiny_base_dir)
@@ -34,8 +44,9 @@ def test_a_packed_model_gives_the_same_logits_and_keeps_its_modules(tiny_base_di
     packed = packed_linear.pack(modules, torch.device("cpu"), torch.bfloat16)
     projections = _projections(model)
     assert packed == len(projections) + 1 > 1
-    assert all(type(m) is torch.nn.Linear and m.weight.is_mkldnn for m in [*projections, model.lm_head])
+    assert all(type(m) is torch.nn.Linear and _packed(m) for m in [*projections, model.lm_head])
     if tied:  # the LM head got a packed copy; the embedding reads the plain weight
+        assert model.model.embed_tokens.weight is not model.lm_head.weight
         assert not model.model.embed_tokens.weight.is_mkldnn
     assert packed_linear.pack(modules, torch.device("cpu"), torch.bfloat16) == 0  # once only
     with torch.no_grad():
@@ -68,11 +79,11 @@ def test_the_engine_packs_a_bf16_base_and_answers_as_unpacked(tiny_base_dir, mon
     prompt = tok("The weather in Paris is")["input_ids"]
     packed_model = _bf16_model(tiny_base_dir)
     got = _answer(packed_model, tok, prompt)
-    assert all(m.weight.is_mkldnn for m in [*_projections(packed_model), packed_model.lm_head])
+    assert all(_packed(m) for m in [*_projections(packed_model), packed_model.lm_head])
     monkeypatch.setattr(packed_linear, "pack", lambda *a: 0)
     plain_model = _bf16_model(tiny_base_dir)
     want = _answer(plain_model, tok, prompt)
-    assert not any(m.weight.is_mkldnn for m in _projections(plain_model))
+    assert not any(packed_linear.is_packed(m) for m in _projections(plain_model))
     assert got == want
 
 
@@ -112,6 +123,54 @@ def test_where_the_cpu_cannot_pack_bf16_the_engine_keeps_plain_projections(tiny_
     prompt = tok("The weather in Paris is")["input_ids"]
     model = _bf16_model(tiny_base_dir)
     got = _answer(model, tok, prompt)
-    assert not any(m.weight.is_mkldnn for m in [*_projections(model), model.lm_head])
+    assert not any(packed_linear.is_packed(m) for m in [*_projections(model), model.lm_head])
     assert len(got) == 12
     assert got == _answer(_bf16_model(tiny_base_dir), tok, prompt)
+
+
+def _linear(in_dim: int, out_dim: int, seed: int) -> tuple[torch.nn.Linear, torch.Tensor]:
+    linear = torch.nn.Linear(in_dim, out_dim, bias=False).to(torch.bfloat16)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(out_dim, in_dim, generator=torch.Generator().manual_seed(seed)) * 0.05)
+    return linear, linear.weight.detach().clone()
+
+
+@dot_here
+@pytest.mark.parametrize("in_dim, out_dim", [(576, 1536), (1536, 576), (576, 192)])  # the default base's shapes
+def test_the_engines_product_has_f_linears_bits_and_rows_of_their_own(in_dim, out_dim):
+    linear, plain = _linear(in_dim, out_dim, seed=in_dim + out_dim)
+    assert packed_linear.pack([linear], torch.device("cpu"), torch.bfloat16) == 1
+    x = torch.randn(160, in_dim, generator=torch.Generator().manual_seed(6)).to(torch.bfloat16)
+    with torch.no_grad():
+        for n in (1, 2, 5, 8, 13, 32, 57, 160):
+            assert torch.equal(linear(x[:n]), torch.nn.functional.linear(x[:n], plain)), n
+        if packed_linear.packed_kind(linear) == "dot":  # oneDNN's layout is probed for this by dense_rows
+            whole = linear(x)
+            assert all(torch.equal(linear(x[i:i + 1])[0], whole[i]) for i in range(0, 160, 7))
+            assert torch.equal(linear(x[3:60].view(3, 19, in_dim)), whole[3:60].view(3, 19, out_dim))
+
+
+@dot_here
+def test_a_shape_whose_sums_match_no_block_takes_onednns_layout(monkeypatch):
+    """Where no sum block gives the kernel F.linear's bits (another CPU's oneDNN may sum
+    otherwise), the projection keeps oneDNN's product, whose bits are F.linear's."""
+    real = packed_linear.dot_kernel()
+
+    class OneBitOff:  # the real kernel, with one output a bit away from F.linear's
+        dot_available, dot_pack = real.dot_available, real.dot_pack
+
+        @staticmethod
+        def dot_linear(x, pairs, block):
+            out = real.dot_linear(x, pairs, block)
+            out[0, 0] = torch.nextafter(out[0, 0].float(), torch.tensor(float("inf"))).to(out.dtype) * 1.01
+            return out
+
+    monkeypatch.setattr(packed_linear, "dot_kernel", lambda: OneBitOff)
+    monkeypatch.setattr(packed_linear, "_dot_blocks", {})
+    linear, plain = _linear(576, 192, seed=7)
+    assert packed_linear.pack([linear], torch.device("cpu"), torch.bfloat16) == 1
+    assert packed_linear.packed_kind(linear) == "packed" and linear.weight.is_mkldnn
+    assert packed_linear._dot_blocks == {(576, 192): None}
+    x = torch.randn(9, 576, generator=torch.Generator().manual_seed(8)).to(torch.bfloat16)
+    with torch.no_grad():
+        assert torch.equal(linear(x), torch.nn.functional.linear(x, plain))

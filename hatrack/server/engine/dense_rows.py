@@ -198,11 +198,11 @@ def pad_rows(modules, max_rows: int, dtype: torch.dtype = torch.float32, max_for
         for module in root.modules():
             if type(module) is not torch.nn.Linear:
                 continue
-            packed = packed_linear.is_packed(module)  # a weight in oneDNN's layout
+            packed = packed_linear.packed_kind(module)  # a weight packed at start (packed_linear.py)
             if packed or weight_only_int8.is_weight_only(module):
                 # its own product, unpadded (a second engine on the same model finds it padded)
                 product = getattr(module, "_unpadded_forward", module.forward)
-                kind, x_dtype = ("packed", module.weight.dtype) if packed else ("int8wo", dtype)
+                kind, x_dtype = (packed, module.weight.dtype) if packed else ("int8wo", dtype)
                 weight = module.weight
             elif module.weight.is_floating_point():
                 product, kind, x_dtype, weight = None, "linear", None, module.weight.detach()

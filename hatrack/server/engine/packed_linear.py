@@ -1,4 +1,14 @@
-"""bf16 projections on CPU with their weight in oneDNN's own blocked layout.
+"""bf16 projections on CPU with their weight packed once at start: in pairs for the
+engine's own product (csrc/linear_cpu.cpp) on CPUs with AVX-512 BF16, else in oneDNN's own
+blocked layout.
+
+The engine's product reads each weight once per 8 rows at close to memory speed, where
+oneDNN's kernels read it at about half that for a decode step's few rows. Measured on an
+AMD EPYC with AVX-512 BF16 (2 cores, 2026-12-07, the default base's 210 decoder
+projections, distinct weights): 14.0 -> 7.4 ms at 1 row, 15.1 -> 9.0 at 8, 26.7 -> 20.0 at
+32, 88.2 -> 81.6 at 160 (bench/RESULTS.md). It sums each output in blocks of input pairs;
+the block that gives F.linear's bits is found once per weight shape at start, on random
+rows, and a shape that no block matches takes oneDNN's layout instead.
 
 torch's F.linear hands oneDNN a plain [out, in] weight and oneDNN reorders it on every
 call; a weight reordered once at start skips that. Measured on an AMD EPYC with AVX-512
@@ -32,7 +42,10 @@ log = logging.getLogger("hatrack.engine")
 BATCH_HINT = 8  # oneDNN picks the layout for this many rows; any number of rows runs
 SMALL_ROWS = 32  # row counts up to this run as they are (padded_rows)
 CHECK_ROWS = 64
+DOT_BLOCKS = (0, 256, 512, 8, 16, 32, 64, 128, 1024)  # input pairs a sum block holds (0: all), in trial order
+DOT_CHECK_SIZES = (1, 3, 8, 17, CHECK_ROWS)  # row counts the block is checked at, each against F.linear
 _agrees: dict[tuple[int, int, bool], bool] = {}  # (in, out, bias) -> packed products equal F.linear's
+_dot_blocks: dict[tuple[int, int], int | None] = {}  # (in, out) -> the block with F.linear's bits; None: no block
 _cpu_packs_bf16: bool | None = None  # probed once (bf16_supported)
 
 
@@ -67,6 +80,67 @@ def bf16_supported() -> bool:
 
 def is_packed(module: torch.nn.Module) -> bool:
     return bool(getattr(module, "_packed", False))
+
+
+def packed_kind(module: torch.nn.Module) -> str | None:
+    """How a packed module multiplies: "dot" (the engine's product), "packed" (oneDNN's
+    layout), None where it is not packed. The row probes (dense_rows.py) keep their
+    results under this name."""
+    return getattr(module, "_pack_kind", "packed") if is_packed(module) else None
+
+
+def dot_kernel():
+    """The compiled module with the engine's bf16 product, or None (no AVX-512 BF16 in this
+    build, or the CPU kernels off or not buildable: cpu_kernel.py)."""
+    from hatrack.server.engine import cpu_kernel
+
+    module = cpu_kernel.load()
+    return module if module is not None and module.dot_available() else None
+
+
+def _dot_product(self, x: torch.Tensor) -> torch.Tensor:
+    flat = x.reshape(-1, x.shape[-1])
+    if flat.stride(-1) != 1:
+        flat = flat.contiguous()
+    out = self._dot_kernel.dot_linear(flat, self.weight, self._dot_block)
+    return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+def _dot_block(kernel, weight: torch.Tensor, pairs: torch.Tensor) -> int | None:
+    """The sum block under which the engine's product of `weight` (packed as `pairs`) has
+    F.linear's bits at every row count of DOT_CHECK_SIZES, or None. The block found for a
+    shape with the same inputs is tried first: oneDNN blocks by the inputs."""
+    out_dim, in_dim = weight.shape
+    key = (in_dim, out_dim)
+    if key not in _dot_blocks:
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(CHECK_ROWS, in_dim, generator=gen).to(weight.dtype)
+        with torch.no_grad():
+            wants = {m: torch.nn.functional.linear(x[:m], weight) for m in DOT_CHECK_SIZES}
+        same_inputs = [b for (i, _), b in _dot_blocks.items() if i == in_dim and b is not None]
+        trials = dict.fromkeys([*same_inputs, *(b for b in DOT_BLOCKS if b < in_dim // 2)])
+        _dot_blocks[key] = next((b for b in trials if all(
+            torch.equal(kernel.dot_linear(x[:m], pairs, b), want) for m, want in wants.items())), None)
+        if _dot_blocks[key] is None:
+            log.info("bf16 %d x %d products of the engine's kernel differ from F.linear's under every "
+                     "block: oneDNN's layout instead", in_dim, out_dim)
+    return _dot_blocks[key]
+
+
+def _pack_dot(kernel, module: torch.nn.Linear) -> bool:
+    """Give `module` the engine's product where it can have F.linear's bits."""
+    weight = module.weight.detach()
+    if kernel is None or module.bias is not None or weight.shape[0] % 16 or weight.shape[1] % 2:
+        return False
+    pairs = kernel.dot_pack(weight)
+    block = _dot_block(kernel, weight, pairs)
+    if block is None:
+        return False
+    module.weight = torch.nn.Parameter(pairs, requires_grad=False)  # [out, in] bf16: the shape stays
+    module._packed, module._pack_kind = True, "dot"
+    module._dot_kernel, module._dot_block = kernel, block
+    module.forward = types.MethodType(_dot_product, module)
+    return True
 
 
 def padded_rows(n: int) -> int:
@@ -109,16 +183,21 @@ def _same_bits(weight: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | 
 
 
 def pack(modules, device: torch.device, dtype: torch.dtype) -> int:
-    """Pack every plain bf16 nn.Linear among `modules` (searched recursively) on CPU. Returns
-    how many were packed (0 where oneDNN cannot on this CPU, or off CPU, or not bf16)."""
+    """Pack every plain bf16 nn.Linear among `modules` (searched recursively) on CPU, for the
+    engine's product where it has F.linear's bits, else in oneDNN's layout. Returns how many
+    were packed (0 where oneDNN cannot on this CPU, or off CPU, or not bf16)."""
     if device.type != "cpu" or dtype != torch.bfloat16 or not bf16_supported():
         return 0
     packed = 0
+    kernel = dot_kernel()
     with torch.no_grad():
         for root in modules:
             for module in root.modules():
                 if (type(module) is not torch.nn.Linear or is_packed(module) or weight_only_int8.is_weight_only(module)
                         or module.weight.dtype != torch.bfloat16 or module.weight.device.type != "cpu"):
+                    continue
+                if _pack_dot(kernel, module):
+                    packed += 1
                     continue
                 weight = module.weight.detach()
                 blocked = _reorder(weight)
