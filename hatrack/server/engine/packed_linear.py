@@ -7,8 +7,9 @@ oneDNN's kernels read it at about half that for a decode step's few rows. Measur
 AMD EPYC with AVX-512 BF16 (2 cores, 2026-12-07, the default base's 210 decoder
 projections, distinct weights): 14.0 -> 7.4 ms at 1 row, 15.1 -> 9.0 at 8, 26.7 -> 20.0 at
 32, 88.2 -> 81.6 at 160 (bench/RESULTS.md). It sums each output in blocks of input pairs;
-the block that gives F.linear's bits is found once per weight shape at start, on random
-rows, and a shape that no block matches takes oneDNN's layout instead.
+the block that gives F.linear's bits (those of a row among others) is found once per weight
+shape at start, on random rows, and a shape that no block matches takes oneDNN's layout
+instead. Its rows do not depend on each other, so it needs no padding (dense_rows.py).
 
 torch's F.linear hands oneDNN a plain [out, in] weight and oneDNN reorders it on every
 call; a weight reordered once at start skips that. Measured on an AMD EPYC with AVX-512
@@ -43,7 +44,7 @@ BATCH_HINT = 8  # oneDNN picks the layout for this many rows; any number of rows
 SMALL_ROWS = 32  # row counts up to this run as they are (padded_rows)
 CHECK_ROWS = 64
 DOT_BLOCKS = (0, 256, 512, 8, 16, 32, 64, 128, 1024)  # input pairs a sum block holds (0: all), in trial order
-DOT_CHECK_SIZES = (1, 3, 8, 17, CHECK_ROWS)  # row counts the block is checked at, each against F.linear
+DOT_CHECK_SIZES = (1, 3, 8, 17, CHECK_ROWS)  # row counts the block is checked at
 _agrees: dict[tuple[int, int, bool], bool] = {}  # (in, out, bias) -> packed products equal F.linear's
 _dot_blocks: dict[tuple[int, int], int | None] = {}  # (in, out) -> the block with F.linear's bits; None: no block
 _cpu_packs_bf16: bool | None = None  # probed once (bf16_supported)
@@ -107,20 +108,23 @@ def _dot_product(self, x: torch.Tensor) -> torch.Tensor:
 
 
 def _dot_block(kernel, weight: torch.Tensor, pairs: torch.Tensor) -> int | None:
-    """The sum block under which the engine's product of `weight` (packed as `pairs`) has
-    F.linear's bits at every row count of DOT_CHECK_SIZES, or None. The block found for a
-    shape with the same inputs is tried first: oneDNN blocks by the inputs."""
+    """The sum block under which the engine's product of `weight` (packed as `pairs`) gives
+    each row, at every row count of DOT_CHECK_SIZES, the bits F.linear gives it among
+    CHECK_ROWS rows; or None. (F.linear's one-row product is not the reference: on an AVX-512
+    BF16 EPYC it gives about one row in 30 other bits than among others, which is why
+    dense_rows pads oneDNN's products to 2 rows there.) The block found for a shape with the
+    same inputs is tried first: oneDNN blocks by the inputs."""
     out_dim, in_dim = weight.shape
     key = (in_dim, out_dim)
     if key not in _dot_blocks:
         gen = torch.Generator().manual_seed(0)
         x = torch.randn(CHECK_ROWS, in_dim, generator=gen).to(weight.dtype)
         with torch.no_grad():
-            wants = {m: torch.nn.functional.linear(x[:m], weight) for m in DOT_CHECK_SIZES}
+            want = torch.nn.functional.linear(x, weight)
         same_inputs = [b for (i, _), b in _dot_blocks.items() if i == in_dim and b is not None]
         trials = dict.fromkeys([*same_inputs, *(b for b in DOT_BLOCKS if b < in_dim // 2)])
         _dot_blocks[key] = next((b for b in trials if all(
-            torch.equal(kernel.dot_linear(x[:m], pairs, b), want) for m, want in wants.items())), None)
+            torch.equal(kernel.dot_linear(x[:m], pairs, b), want[:m]) for m in DOT_CHECK_SIZES)), None)
         if _dot_blocks[key] is None:
             log.info("bf16 %d x %d products of the engine's kernel differ from F.linear's under every "
                      "block: oneDNN's layout instead", in_dim, out_dim)
