@@ -4,9 +4,9 @@ blocked layout.
 
 The engine's product reads each weight once per 8 rows at close to memory speed, where
 oneDNN's kernels read it at about half that for a decode step's few rows. Measured on an
-AMD EPYC with AVX-512 BF16 (2 cores, 2026-12-07, the default base's 210 decoder
-projections, distinct weights): 14.0 -> 7.4 ms at 1 row, 15.1 -> 9.0 at 8, 26.7 -> 20.0 at
-32, 88.2 -> 81.6 at 160 (bench/RESULTS.md). It sums each output in blocks of input pairs;
+AMD EPYC with AVX-512 BF16 (2 cores, 2026-12-07, bench/dot_linear.py: the default base's
+210 decoder projections, distinct weights): 14.7 -> 8.1 ms at 1 row, 16.1 -> 9.3 at 8,
+29.0 -> 22.1 at 32, 94.4 -> 82.2 at 160 (bench/RESULTS.md). It sums each output in blocks of input pairs;
 the block that gives F.linear's bits (those of a row among others) is found once per weight
 shape at start, on random rows, and a shape that no block matches takes oneDNN's layout
 instead. Its rows do not depend on each other, so it needs no padding (dense_rows.py).
