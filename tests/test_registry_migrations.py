@@ -12,6 +12,7 @@ import re
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -332,6 +333,28 @@ def test_processes_opening_one_old_registry_at_once_upgrade_it_once(old_registry
     assert all(r["versions"] == 4 for r in results)
     assert _version(old.url) == 4
     assert_every_row_survived(old)
+
+
+def test_opening_a_rollback_journal_file_waits_for_a_writer_instead_of_failing(tmp_path: Path):
+    # an older tool's file is in rollback-journal mode; switching it to WAL needs the file
+    # to itself, and SQLite refuses at once (no busy wait) while another connection holds
+    # the write lock, as a process mid-way through the same switch or an old writer does
+    path = tmp_path / "old.db"
+    _load_dump(path)
+    writer = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    writer.execute("BEGIN IMMEDIATE")  # the write lock, held for half a second
+    release = threading.Timer(0.5, lambda: writer.execute("COMMIT"))
+    release.start()
+    engine = make_engine(f"sqlite:///{path}")
+    started = time.monotonic()
+    try:
+        with engine.connect() as conn:
+            assert conn.exec_driver_sql("PRAGMA journal_mode").scalar_one() == "wal"
+    finally:
+        engine.dispose()
+        release.join()
+        writer.close()
+    assert time.monotonic() - started >= 0.4, "it did not wait for the writer: the test proved nothing"
 
 
 def test_empty_database_gets_the_latest_schema_directly(registry_db: str, hatrack_home: Path):

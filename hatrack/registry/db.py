@@ -5,6 +5,9 @@ safely when several processes open it at once."""
 
 from __future__ import annotations
 
+import sqlite3
+import time
+
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 from sqlmodel import create_engine
@@ -14,10 +17,28 @@ from hatrack.registry import migrations
 BUSY_TIMEOUT_MS = 30_000
 
 
+def _enter_wal(cur: sqlite3.Cursor) -> None:
+    """Switching a rollback-journal file (one an older tool made) to WAL needs the file
+    to itself, and SQLite answers "database is locked" at once rather than calling the
+    busy handler: several processes opening such a file together would fail. Retry
+    within the busy timeout, as every other statement waits."""
+    deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+    pause = 0.005
+    while True:
+        try:
+            cur.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() + pause > deadline:
+                raise
+        time.sleep(pause)
+        pause = min(pause * 2, 0.2)
+
+
 def _sqlite_pragmas(dbapi_conn, _record) -> None:
     cur = dbapi_conn.cursor()
     cur.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-    cur.execute("PRAGMA journal_mode = WAL")
+    _enter_wal(cur)
     cur.execute("PRAGMA foreign_keys = ON")
     cur.close()
 
