@@ -60,10 +60,10 @@ def test_only_a_bf16_base_on_cpu_is_packed(tiny_base_dir):
     assert not any(m.weight.is_mkldnn for m in _projections(model))
 
 
-def _answer(model, tok, prompt) -> list[int]:
+def _answer(model, tok, prompt, **engine_args) -> list[int]:
     from hatrack.server.engine import SamplingParams
 
-    engine = Engine(model, tok, max_batch=4)
+    engine = Engine(model, tok, max_batch=4, **engine_args)
     engine.start()
     try:
         return engine.submit(prompt, None, SamplingParams(max_tokens=12, temperature=0.0)).result(timeout=120)[0]
@@ -80,10 +80,30 @@ def test_the_engine_packs_a_bf16_base_and_answers_as_unpacked(tiny_base_dir, mon
     packed_model = _bf16_model(tiny_base_dir)
     got = _answer(packed_model, tok, prompt)
     assert all(_packed(m) for m in [*_projections(packed_model), packed_model.lm_head])
-    monkeypatch.setattr(packed_linear, "pack", lambda *a: 0)
+    monkeypatch.setattr(packed_linear, "pack", lambda *a, **k: 0)
     plain_model = _bf16_model(tiny_base_dir)
     want = _answer(plain_model, tok, prompt)
     assert not any(packed_linear.is_packed(m) for m in _projections(plain_model))
+    assert got == want
+
+
+@packs_here
+def test_an_engine_with_the_cpu_kernels_off_builds_nothing_and_packs_in_onednns_layout(tiny_base_dir, monkeypatch):
+    from transformers import AutoTokenizer
+
+    from hatrack.server.engine import cpu_kernel
+
+    def no_build():
+        raise AssertionError("the CPU kernels were asked for with cpu_kernel=False")
+
+    tok = AutoTokenizer.from_pretrained(tiny_base_dir)
+    prompt = tok("The weather in Paris is")["input_ids"]
+    want = _answer(_bf16_model(tiny_base_dir), tok, prompt)
+    monkeypatch.setattr(cpu_kernel, "load", no_build)
+    model = _bf16_model(tiny_base_dir)
+    got = _answer(model, tok, prompt, cpu_kernel=False)
+    kinds = {packed_linear.packed_kind(m) for m in [*_projections(model), model.lm_head]}
+    assert kinds == {"packed"}
     assert got == want
 
 

@@ -105,7 +105,7 @@ class Engine:
         self.runner = on_passing_thread(lambda: LlamaRunner(
             model, max_batch=max_batch, max_context=max_context, kv_cache_bytes=kv_cache_bytes,
             # a fused step: the running rows and a budget's prompt tokens in one forward
-            max_forward_rows=max_batch + prefill_budget))
+            max_forward_rows=max_batch + prefill_budget, cpu_kernel=cpu_kernel))
         self.kv = self.runner.kv
         if prefix_cache_bytes is None:
             prefix_cache_bytes = min(DEFAULT_PREFIX_CACHE_BYTES, self.kv.budget_bytes // 4)

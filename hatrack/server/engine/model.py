@@ -83,10 +83,11 @@ def _signed_sin(sin: torch.Tensor) -> torch.Tensor:
 
 class LlamaRunner:
     def __init__(self, model, *, max_batch: int, max_context: int | None, kv_cache_bytes: int | None = None,
-                 max_forward_rows: int | None = None):
+                 max_forward_rows: int | None = None, cpu_kernel: bool = True):
         """kv_cache_bytes: the KV cache budget (None: kv_cache.default_budget);
         max_forward_rows: the most prompt tokens and decode rows one forward runs (default
-        max_batch), up to which the decoder's projections keep each row's bits."""
+        max_batch), up to which the decoder's projections keep each row's bits;
+        cpu_kernel: bf16 projections may run the compiled CPU product (packed_linear.py)."""
         config = model.config
         if getattr(config, "model_type", None) not in SUPPORTED:
             raise EngineError(
@@ -126,7 +127,7 @@ class LlamaRunner:
         # base picks outlier columns per row (int8_rows.py), dense and weight-only int8
         # ones pad to a probed quantum (dense_rows.py)
         make_rows_independent(self.layers)
-        packed_linear.pack([*self.layers, self.lm_head], self.device, self.dtype)
+        packed_linear.pack([*self.layers, self.lm_head], self.device, self.dtype, own_kernel=cpu_kernel)
         pad_rows(self.layers, max_batch, dtype=self.dtype, max_forward_rows=max_forward_rows)
         pad_rows([self.lm_head], max_batch, dtype=self.dtype)  # logits only for rows that sample
 

@@ -6,10 +6,12 @@ The engine's product reads each weight once per 8 rows at close to memory speed,
 oneDNN's kernels read it at about half that for a decode step's few rows. Measured on an
 AMD EPYC with AVX-512 BF16 (2 cores, 2026-12-07, bench/dot_linear.py: the default base's
 210 decoder projections, distinct weights): 14.7 -> 8.1 ms at 1 row, 16.1 -> 9.3 at 8,
-29.0 -> 22.1 at 32, 94.4 -> 82.2 at 160 (bench/RESULTS.md). It sums each output in blocks of input pairs;
-the block that gives F.linear's bits (those of a row among others) is found once per weight
-shape at start, on random rows, and a shape that no block matches takes oneDNN's layout
-instead. Its rows do not depend on each other, so it needs no padding (dense_rows.py).
+29.0 -> 22.1 at 32, 94.4 -> 82.2 at 160 (bench/RESULTS.md). It sums each output in blocks
+of input pairs; the block that gives F.linear's bits (those of a row among others) is found
+once per weight shape at start, on random rows, and a shape that no block matches takes
+oneDNN's layout instead. Its rows do not depend on each other, so it needs no padding
+(dense_rows.py). An engine with the CPU kernels off (Engine(cpu_kernel=False)) packs in
+oneDNN's layout only, and builds nothing.
 
 torch's F.linear hands oneDNN a plain [out, in] weight and oneDNN reorders it on every
 call; a weight reordered once at start skips that. Measured on an AMD EPYC with AVX-512
@@ -19,8 +21,7 @@ the same bits as F.linear's; that is checked once per weight shape at start, on 
 rows, and a shape whose products differ keeps F.linear.
 
 Only plain bf16 nn.Linear modules change (the decoder layers' and the LM head), in
-place: the module keeps
-its type and shape (PEFT and Hugging Face's forward still call it), its `weight` becomes
+place: the module keeps its type and shape (PEFT and Hugging Face's forward still call it), its `weight` becomes
 the packed tensor (the plain one is freed, so memory does not double) and its forward runs
 the packed product. Anything that reads the weight's values directly (F.linear on it,
 saving a state dict) no longer works on such a model: it is the serving engine's. An LM
@@ -107,6 +108,15 @@ def _dot_product(self, x: torch.Tensor) -> torch.Tensor:
     return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
+def _reference(weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """CHECK_ROWS random rows for a weight, seeded so every start checks the same rows, and
+    F.linear's products of them: the bits a packed product must give."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(CHECK_ROWS, weight.shape[1], generator=gen).to(weight.dtype)
+    with torch.no_grad():
+        return x, torch.nn.functional.linear(x, weight, bias)
+
+
 def _dot_block(kernel, weight: torch.Tensor, pairs: torch.Tensor) -> int | None:
     """The sum block under which the engine's product of `weight` (packed as `pairs`) gives
     each row, at every row count of DOT_CHECK_SIZES, the bits F.linear gives it among
@@ -117,10 +127,7 @@ def _dot_block(kernel, weight: torch.Tensor, pairs: torch.Tensor) -> int | None:
     out_dim, in_dim = weight.shape
     key = (in_dim, out_dim)
     if key not in _dot_blocks:
-        gen = torch.Generator().manual_seed(0)
-        x = torch.randn(CHECK_ROWS, in_dim, generator=gen).to(weight.dtype)
-        with torch.no_grad():
-            want = torch.nn.functional.linear(x, weight)
+        x, want = _reference(weight, None)
         same_inputs = [b for (i, _), b in _dot_blocks.items() if i == in_dim and b is not None]
         trials = dict.fromkeys([*same_inputs, *(b for b in DOT_BLOCKS if b < in_dim // 2)])
         _dot_blocks[key] = next((b for b in trials if all(
@@ -173,10 +180,8 @@ def _product(self, x: torch.Tensor) -> torch.Tensor:
 def _same_bits(weight: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> bool:
     key = (weight.shape[1], weight.shape[0], bias is not None)
     if key not in _agrees:
-        gen = torch.Generator().manual_seed(0)
-        x = torch.randn(CHECK_ROWS, weight.shape[1], generator=gen).to(weight.dtype)
+        x, want = _reference(weight, bias)
         with torch.no_grad():
-            want = torch.nn.functional.linear(x, weight, bias)
             _agrees[key] = all(
                 torch.equal(_multiply(x[:m], packed, bias), want[:m])
                 for m in (1, 3, 8, CHECK_ROWS)
@@ -186,14 +191,15 @@ def _same_bits(weight: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | 
     return _agrees[key]
 
 
-def pack(modules, device: torch.device, dtype: torch.dtype) -> int:
+def pack(modules, device: torch.device, dtype: torch.dtype, *, own_kernel: bool = True) -> int:
     """Pack every plain bf16 nn.Linear among `modules` (searched recursively) on CPU, for the
-    engine's product where it has F.linear's bits, else in oneDNN's layout. Returns how many
-    were packed (0 where oneDNN cannot on this CPU, or off CPU, or not bf16)."""
+    engine's product where it has F.linear's bits (and `own_kernel`: the CPU kernels are on),
+    else in oneDNN's layout. Returns how many were packed (0 where oneDNN cannot on this CPU,
+    or off CPU, or not bf16)."""
     if device.type != "cpu" or dtype != torch.bfloat16 or not bf16_supported():
         return 0
     packed = 0
-    kernel = dot_kernel()
+    kernel = dot_kernel() if own_kernel else None
     with torch.no_grad():
         for root in modules:
             for module in root.modules():
