@@ -198,8 +198,21 @@ def vllm_side(args: argparse.Namespace, env: dict[str, str], base: str) -> tuple
     served = command["argv"][command["argv"].index("--served-model-name") + 1]
     base_model = served if args.vllm_base == "raw" else command["base"]
     vllm_env = {**env, **command["env"], "VLLM_CPU_KVCACHE_SPACE": str(args.vllm_kv_gb),
-                "PYTHONUNBUFFERED": "1", **dict(item.split("=", 1) for item in args.vllm_env)}
+                "PYTHONUNBUFFERED": "1", **all_cores_to_vllm(),
+                **dict(item.split("=", 1) for item in args.vllm_env)}
     return Side("vLLM", command["argv"], vllm_env, base_model), command
+
+
+def all_cores_to_vllm() -> dict[str, str]:
+    """vLLM-CPU's own thread binding ("auto") keeps one core for its front end when it
+    can: on a 2-core machine its model then runs 1 thread on 1 core ("Reducing Torch
+    threads from 2 to 1", "reserved_cpus=[1]" in its log), while hatrack's engine has
+    both. Bind vLLM's OpenMP threads to every core this process may use, as hatrack's
+    are; `--vllm-env VLLM_CPU_OMP_THREADS_BIND=auto` gives the default back."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2 or cpus != list(range(cpus[0], cpus[-1] + 1)):
+        return {}  # a single core, or not one range: vLLM's own binding
+    return {"VLLM_CPU_OMP_THREADS_BIND": f"{cpus[0]}-{cpus[-1]}", "OMP_NUM_THREADS": str(len(cpus))}
 
 
 def against_side(args: argparse.Namespace, env: dict[str, str], base: str) -> Side:
@@ -328,13 +341,14 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--ttft-requests", type=int, default=8, help="one-at-a-time requests for TTFT at c=1")
     parser.add_argument("--max-tokens", type=int, default=32, help="max new tokens per request")
     parser.add_argument("--vllm-dtype", default="bfloat16", help="vLLM --dtype (default: %(default)s)")
-    parser.add_argument("--vllm-base", choices=["zero", "raw"], default="zero",
-                        help="vLLM base requests: zero = the base's registry name, answered through hatrack's "
-                             "zero adapter (what `hatrack vllm command` serves it as); raw = BASE.raw, the "
-                             "model without an adapter")
+    parser.add_argument("--vllm-base", choices=["zero", "raw"], default="raw",
+                        help="vLLM base requests: raw (default) = BASE.raw, the model without an adapter, "
+                             "vLLM's fastest base path; zero = the base's registry name, answered through "
+                             "hatrack's zero adapter (what `hatrack vllm command` serves it as, a LoRA path)")
     parser.add_argument("--vllm-kv-gb", type=float, default=4, help="VLLM_CPU_KVCACHE_SPACE in GiB")
     parser.add_argument("--vllm-env", action="append", default=[], metavar="KEY=VALUE",
-                        help="extra environment for vLLM, repeatable (e.g. VLLM_CPU_OMP_THREADS_BIND=0-1)")
+                        help="extra environment for vLLM, repeatable (default binding: every core, "
+                             "VLLM_CPU_OMP_THREADS_BIND=0-N; =auto for vLLM's own, which keeps a core back)")
     parser.add_argument("--against", type=Path, default=None, metavar="DIR",
                         help="measure against the hatrack checkout in DIR instead of vLLM")
     parser.add_argument("--json-out", type=Path, default=None, help="write raw numbers here")
@@ -403,7 +417,8 @@ def main() -> None:
         "",
         f"Base {base.name}; {N_ADAPTERS} random rank-16 all-linear adapters; streamed greedy chat requests of "
         f"at most {args.max_tokens} new tokens, {args.requests} per case; "
-        + (f"vLLM --dtype {args.vllm_dtype}, base requests to {vllm.base_model!r}; " if command else "")
+        + (f"vLLM --dtype {args.vllm_dtype}, base requests to {vllm.base_model!r}, VLLM_CPU_OMP_THREADS_BIND="
+           f"{vllm.env.get('VLLM_CPU_OMP_THREADS_BIND', 'auto')}; " if command else "")
         + f"medians of {args.rounds} round(s), each starting {vllm.label} then "
         f"{', '.join(s.label for s in sides[1:])}, one server at a time; ratios: medians of per-round ratios.",
         "",
