@@ -119,12 +119,10 @@ def instrument(engine: Engine, timers: Timers) -> None:
         for parent, name in PROJECTIONS:
             module = getattr(getattr(layer, parent), name)
             module.forward = timers.wrap("base linear", module.forward)
+        for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+            norm.forward = timers.wrap("norms", norm.forward)
     runner.lm_head.forward = timers.wrap("LM head", runner.lm_head.forward)
-    # the layers' norms (with the residual add before the second), compiled or torch's ops;
-    # the final norm counts with the LM head
-    norm_in = {part: timers.wrap(part, runner._norm) for part in ("norms", "LM head")}
-    runner._norm = lambda norm, x: norm_in["LM head" if norm is runner.norm else "norms"](norm, x)
-    runner._add_norm = timers.wrap("norms", runner._add_norm)
+    runner.norm.forward = timers.wrap("LM head", runner.norm.forward)
     for obj in (engine.rows, engine.bank):
         for name in ("apply", "apply_slot"):
             if hasattr(obj, name):

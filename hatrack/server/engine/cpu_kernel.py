@@ -1,7 +1,6 @@
 """The CPU kernels, compiled on first use with the machine's C++ compiler and cached:
-the per-row LoRA term (csrc/lora_cpu.cpp), decode attention (csrc/attention_cpu.cpp), a
-layer's RMSNorm with the residual add before it (csrc/layer_cpu.cpp) and, on CPUs with
-AVX-512 BF16, bf16 projections (csrc/linear_cpu.cpp, used by packed_linear.py).
+the per-row LoRA term (csrc/lora_cpu.cpp), decode attention (csrc/attention_cpu.cpp) and,
+on CPUs with AVX-512 BF16, bf16 projections (csrc/linear_cpu.cpp, used by packed_linear.py).
 
 Why a kernel: a decode step that mixes adapters is bound by reading their weights. torch's
 batched matmul needs a gathered copy of each row's adapter and runs bf16 far below memory
@@ -27,7 +26,7 @@ from typing import Any
 log = logging.getLogger("hatrack.engine")
 
 SOURCES = tuple(Path(__file__).with_name("csrc") / name
-                for name in ("lora_cpu.cpp", "attention_cpu.cpp", "linear_cpu.cpp", "layer_cpu.cpp"))
+                for name in ("lora_cpu.cpp", "attention_cpu.cpp", "linear_cpu.cpp"))
 HEADERS = (Path(__file__).with_name("csrc") / "bf16.h",)  # copied beside the sources, part of the build's name
 # -fopenmp: at::parallel_for is OpenMP in torch's CPU builds (without it the kernel runs on
 # one thread); the module then binds to the libgomp torch has already loaded.

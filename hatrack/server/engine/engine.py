@@ -112,7 +112,6 @@ class Engine:
         self.prefix = PrefixCache(self.kv, prefix_cache_bytes)
         kernel = cpu_kernel_module.load() if cpu_kernel and self.runner.device.type == "cpu" else None
         self.runner.attention_kernel = kernel
-        self.runner.layer_kernel = kernel
         lora_dtype = lora_dtype_for(self.runner.device, self.runner.dtype, cpu_kernel=kernel is not None)
         self.bank = on_passing_thread(
             lambda: SlotBank(self.runner.layers, max_loaded, max_rank, lora_dtype, self.runner.device))

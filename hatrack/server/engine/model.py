@@ -121,10 +121,6 @@ class LlamaRunner:
         # (cpu_kernel.py), and the prefill LoRA term per token (KernelRows.apply_tokens)
         self.attention_kernel = None
         self.token_lora = None
-        # set by the engine with the CPU kernels: a layer's RMSNorm (and the residual add
-        # before it) in one call (csrc/layer_cpu.cpp), for bf16 rows
-        self.layer_kernel = None
-        self._plain_layers = self._layers_are_plain()
         self._q_norm = [getattr(layer.self_attn, "q_norm", None) for layer in self.layers]
         self._k_norm = [getattr(layer.self_attn, "k_norm", None) for layer in self.layers]
         # a row's projections give the same bits whatever rows share the call: an int8
@@ -135,32 +131,7 @@ class LlamaRunner:
         pad_rows(self.layers, max_batch, dtype=self.dtype, max_forward_rows=max_forward_rows)
         pad_rows([self.lm_head], max_batch, dtype=self.dtype)  # logits only for rows that sample
 
-    def _layers_are_plain(self) -> bool:
-        """Whether every norm is Hugging Face's RMSNorm (weight times the normalised row,
-        no offset): what csrc/layer_cpu.cpp computes."""
-        norms = [self.norm, *(m for layer in self.layers
-                              for m in (layer.input_layernorm, layer.post_attention_layernorm))]
-        return all(type(m).__name__.endswith("RMSNorm") and hasattr(m, "variance_epsilon") for m in norms)
-
     # ------------------------------------------------------------ forward
-
-    def _layer_kernel_takes(self, x: torch.Tensor, norm) -> bool:
-        """bf16 rows on CPU with the compiled kernels. fp32 rows keep torch's ops: the
-        kernel's sum of squares is in its own order, which would move their last bits."""
-        return (self.layer_kernel is not None and self._plain_layers and x.dtype == torch.bfloat16
-                and x.dim() == 2 and x.is_contiguous() and norm.weight.dtype == torch.bfloat16)
-
-    def _norm(self, norm, x: torch.Tensor) -> torch.Tensor:
-        if self._layer_kernel_takes(x, norm):
-            return self.layer_kernel.rms_norm(x, norm.weight, norm.variance_epsilon)
-        return norm(x)
-
-    def _add_norm(self, norm, x: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The residual stream x + a and its norm."""
-        if self._layer_kernel_takes(x, norm) and a.dtype == x.dtype and a.is_contiguous():
-            return self.layer_kernel.add_rms_norm(x, a, norm.weight, norm.variance_epsilon)
-        x = x + a
-        return x, norm(x)
 
     def _rope(self, x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
         """Rotary embedding as Hugging Face's x * cos + rotate_half(x) * sin (same bits);
@@ -172,7 +143,7 @@ class LlamaRunner:
         projections plus the LoRA term, q/k norms applied (Qwen3), no rotary yet."""
         n = x.shape[0]
         attn = layer.self_attn
-        h = self._norm(layer.input_layernorm, x)
+        h = layer.input_layernorm(x)
         q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
         lora(i, "qkv", h, (q, k, v))
         q = q.view(n, self.n_heads, self.head_dim)
@@ -185,7 +156,10 @@ class LlamaRunner:
         """The residual stream after attention output o [n, heads * d] and the MLP."""
         a = layer.self_attn.o_proj(o)
         lora(i, "o", o, (a,))
-        x, h = self._add_norm(layer.post_attention_layernorm, x, a)
+        return self._mlp(layer, i, x + a, lora)
+
+    def _mlp(self, layer, i: int, x: torch.Tensor, lora) -> torch.Tensor:
+        h = layer.post_attention_layernorm(x)
         mlp = layer.mlp
         gate, up = mlp.gate_proj(h), mlp.up_proj(h)
         lora(i, "gate_up", h, (gate, up))
@@ -223,7 +197,7 @@ class LlamaRunner:
             self._attend_prompts(i, segments, spans, masks, q, k, v, cos, sin, o)
             x = self._out_and_mlp(layer, i, x, o, lora)
         last = [b - 1 for s, (_, b) in zip(segments, spans) if s.logits]
-        return self.lm_head(self._norm(self.norm, x[last]))
+        return self.lm_head(self.norm(x[last]))
 
     def _prompt_geometry(self, segments: list[PrefillSegment]):
         """Each prompt segment's (start, end) among the forward's prompt tokens, their
@@ -331,7 +305,7 @@ class LlamaRunner:
             o = self._attend(q.view(n, self.n_kv, self.n_rep, self.head_dim), i, window, new)
             o = o.reshape(n, self.n_heads * self.head_dim)
             x = self._out_and_mlp(layer, i, x, o, lora)
-        return self.lm_head(self._norm(self.norm, x))
+        return self.lm_head(self.norm(x))
 
     def step(self, tokens: list[int], positions: list[int], slots: list[int], segments: list[PrefillSegment],
              bank: SlotBank) -> tuple[torch.Tensor, torch.Tensor]:
@@ -369,5 +343,5 @@ class LlamaRunner:
             self._attend_prompts(i, segments, spans, masks, q[n:], k[n:], v[n:], cos_p, sin_p, o[n:])
             x = self._out_and_mlp(layer, i, x, o, lora)
         last = [*range(n), *(n + b - 1 for s, (_, b) in zip(segments, spans) if s.logits)]
-        logits = self.lm_head(self._norm(self.norm, x[last]))
+        logits = self.lm_head(self.norm(x[last]))
         return logits[:n], logits[n:]

@@ -351,21 +351,12 @@ bool dot_available();
 at::Tensor dot_pack(const at::Tensor& w);
 at::Tensor dot_linear(const at::Tensor& x, const at::Tensor& packed, int64_t block);
 
-// layer_cpu.cpp
-at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps);
-std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const at::Tensor& a, const at::Tensor& w,
-                                                double eps);
-
 // The module holds the CPU kernels (one build, one load).
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dot_available", &dot_available, "whether bf16 projections (dot_linear) run on this build");
   m.def("dot_pack", &dot_pack, "a bf16 [out, in] weight packed in pairs for dot_linear");
   m.def("dot_linear", &dot_linear, "bf16 rows times a dot_pack weight", py::arg("x"), py::arg("packed"),
         py::arg("block"));
-  m.def("rms_norm", &rms_norm, "Hugging Face's RMSNorm, each row alone", py::arg("x"), py::arg("weight"),
-        py::arg("eps"));
-  m.def("add_rms_norm", &add_rms_norm, "(x + a, rms_norm(x + a))", py::arg("x"), py::arg("a"), py::arg("weight"),
-        py::arg("eps"));
   m.def("lora_decode", &lora_decode, "LoRA term of a decode step, per-row adapters");
   m.def("attend_decode", &attend_decode, "decode attention, each row over its own positions", py::arg("q"),
         py::arg("k"), py::arg("v"), py::arg("lengths"), py::arg("out"), py::arg("scale"), py::arg("min_work"),
