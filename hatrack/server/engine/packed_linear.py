@@ -21,13 +21,13 @@ the same bits as F.linear's; that is checked once per weight shape at start, on 
 rows, and a shape whose products differ keeps F.linear.
 
 Only plain bf16 nn.Linear modules change (the decoder layers' and the LM head), in
-place: the module keeps its type and shape (PEFT and Hugging Face's forward still call it), its `weight` becomes
-the packed tensor (the plain one is freed, so memory does not double) and its forward runs
-the packed product. Anything that reads the weight's values directly (F.linear on it,
-saving a state dict) no longer works on such a model: it is the serving engine's. An LM
-head tied to the input embedding gets a packed copy of its own (56 MB on the default
-base): the embedding keeps the plain weight. Measured the same way, the default base's LM
-head takes 4.2 -> 2.1 ms at 8 rows and 7.1 -> 5.1 ms at 32.
+place: the module keeps its type and shape (PEFT and Hugging Face's forward still call
+it), its `weight` becomes the packed tensor (the plain one is freed, so memory does not
+double) and its forward runs the packed product. Anything that reads the weight's values
+directly (F.linear on it, saving a state dict) no longer works on such a model: it is the
+serving engine's. An LM head tied to the input embedding gets a packed copy of its own
+(56 MB on the default base): the embedding keeps the plain weight. Measured the same way,
+the default base's LM head takes 4.2 -> 2.1 ms at 8 rows and 7.1 -> 5.1 ms at 32.
 """
 
 from __future__ import annotations
