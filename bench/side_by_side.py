@@ -76,9 +76,11 @@ class Side:
         slug = "".join(c if c.isalnum() else "-" for c in self.label)
         self.log = log_dir / f"{slug}-round{round_no}.log"
         started = time.perf_counter()
-        # its own session, so stop() ends vLLM's engine processes too
+        # its own session, so stop() ends vLLM's engine processes too; started in the log
+        # folder, since `python -m` puts its working directory first on the path (a
+        # checkout there would shadow the one PYTHONPATH names)
         self.proc = subprocess.Popen(argv, env=self.env, stdout=open(self.log, "w"), stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+                                     start_new_session=True, cwd=log_dir)
         deadline = time.monotonic() + READY_TIMEOUT
         with httpx.Client(timeout=2) as client:
             while time.monotonic() < deadline:
@@ -107,6 +109,15 @@ class Side:
         return self.log.read_text(errors="replace")[-4000:]
 
 
+def question(i: int) -> str:
+    """Request i's question: the same for all (the default), or, with --prompts distinct,
+    numbered so that no two prompts are equal (nothing for a server to reuse)."""
+    return f"{QUESTION} (Request {i}.)" if DISTINCT else QUESTION
+
+
+DISTINCT = False  # --prompts distinct
+
+
 def drive(url: str, models: list[str], concurrency: int, total: int, max_tokens: int) -> dict:
     """`total` streamed greedy chat requests from `concurrency` threads, models round-robin."""
     from openai import OpenAI
@@ -117,7 +128,7 @@ def drive(url: str, models: list[str], concurrency: int, total: int, max_tokens:
         start = time.perf_counter()
         first, tokens = None, None
         stream = client.chat.completions.create(
-            model=models[i % len(models)], messages=[{"role": "user", "content": QUESTION}],
+            model=models[i % len(models)], messages=[{"role": "user", "content": question(i)}],
             max_tokens=max_tokens, temperature=0, stream=True, stream_options={"include_usage": True})
         for chunk in stream:
             if first is None and chunk.choices and chunk.choices[0].delta.content:
@@ -340,6 +351,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--requests", type=int, default=64, help="requests per case (at least the concurrency)")
     parser.add_argument("--ttft-requests", type=int, default=8, help="one-at-a-time requests for TTFT at c=1")
     parser.add_argument("--max-tokens", type=int, default=32, help="max new tokens per request")
+    parser.add_argument("--prompts", choices=["same", "distinct"], default="same",
+                        help="same (default): every request asks one question; distinct: each request's "
+                             "question carries its number, so no server can reuse another's prompt")
     parser.add_argument("--vllm-dtype", default="bfloat16", help="vLLM --dtype (default: %(default)s)")
     parser.add_argument("--vllm-base", choices=["zero", "raw"], default="raw",
                         help="vLLM base requests: raw (default) = BASE.raw, the model without an adapter, "
@@ -375,7 +389,9 @@ def parse_args() -> argparse.Namespace:
 
 
 def main() -> None:
+    global DISTINCT
     args = parse_args()
+    DISTINCT = args.prompts == "distinct"
     started = datetime.now(timezone.utc)
     home = scratch_home("sbs")
     print(f"registry and server logs in {home}", file=sys.stderr, flush=True)
@@ -416,7 +432,8 @@ def main() -> None:
         f"`python bench/side_by_side.py {argv}`",
         "",
         f"Base {base.name}; {N_ADAPTERS} random rank-16 all-linear adapters; streamed greedy chat requests of "
-        f"at most {args.max_tokens} new tokens, {args.requests} per case; "
+        f"at most {args.max_tokens} new tokens, {args.requests} per case, "
+        + ("every prompt its own" if DISTINCT else "all asking one question") + "; "
         + (f"vLLM --dtype {args.vllm_dtype}, base requests to {vllm.base_model!r}, VLLM_CPU_OMP_THREADS_BIND="
            f"{vllm.env.get('VLLM_CPU_OMP_THREADS_BIND', 'auto')}; " if command else "")
         + f"medians of {args.rounds} round(s), each starting {vllm.label} then "

@@ -119,7 +119,8 @@ def test_metrics_totals_are_counters_and_gone_adapters_leave_the_output(keyed):
     families = {f.name: f for f in text_string_to_metric_families(text)}
     for name in ("hatrack_engine_generated_tokens", "hatrack_engine_decode_steps", "hatrack_engine_fused_steps",
                  "hatrack_engine_decode_seconds", "hatrack_engine_prefill_seconds", "hatrack_engine_prefill_tokens",
-                 "hatrack_engine_prefix_cache_hits", "hatrack_engine_prefix_cache_tokens"):
+                 "hatrack_engine_prefix_cache_hits", "hatrack_engine_prefix_cache_tokens",
+                 "hatrack_engine_shared_prompts"):
         assert families[name].type == "counter", name
         assert [s.name for s in families[name].samples] == [name + "_total"]
     assert families["hatrack_engine_generated_tokens"].samples[0].value > 0

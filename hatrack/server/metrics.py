@@ -50,6 +50,9 @@ class _EngineTotals(Collector):
         yield CounterMetricFamily("hatrack_engine_prefix_cache_tokens",
                                   "Prompt tokens taken from cached prefixes instead of being prefilled",
                                   value=s.prefix_cache_tokens if s else 0)
+        yield CounterMetricFamily("hatrack_engine_shared_prompts",
+                                  "Prompts answered from another running request's prefill of the same prompt and adapter",
+                                  value=s.shared_prompts if s else 0)
 
 
 class _Visible:

@@ -31,6 +31,7 @@ from hatrack.server.engine.handle import RequestHandle
 from hatrack.server.engine.model import LlamaRunner, PrefillSegment
 from hatrack.server.engine.prefix_cache import PREFILL_CHUNK, PrefixCache
 from hatrack.server.engine.sampling import RowSampler, TokenLogprobs, check_knobs, pick_tokens
+from hatrack.server.engine.shared_prompts import SharedPrompts
 from hatrack.server.engine import cpu_kernel as cpu_kernel_module
 from hatrack.server.engine.slots import KernelRows, LoraRows, RowBank, SlotBank, lora_dtype_for
 from hatrack.server.engine.threads import on_passing_thread
@@ -63,6 +64,9 @@ class _Sequence:
     admitted: bool = False  # prefilled (no longer counted as queued)
     wanting: bool = False  # counted in the adapter cache's wanted set
     submitted: float = field(default_factory=time.monotonic)
+    share_key: tuple | None = None  # set while it may own its prompt for others (shared_prompts.py)
+    source: "_Sequence | None" = None  # the request whose prefill this one copies, until it has
+    first_logits: torch.Tensor | None = None  # its prompt's last logits, once prefilled
 
 
 class Engine:
@@ -110,6 +114,7 @@ class Engine:
         if prefix_cache_bytes is None:
             prefix_cache_bytes = min(DEFAULT_PREFIX_CACHE_BYTES, self.kv.budget_bytes // 4)
         self.prefix = PrefixCache(self.kv, prefix_cache_bytes)
+        self.shared = SharedPrompts()
         kernel = cpu_kernel_module.load() if cpu_kernel and self.runner.device.type == "cpu" else None
         self.runner.attention_kernel = kernel
         lora_dtype = lora_dtype_for(self.runner.device, self.runner.dtype, cpu_kernel=kernel is not None)
@@ -247,6 +252,7 @@ class Engine:
             decode_seconds=self._decode_seconds,
             prefix_cache_hits=self.prefix.stats.hits,
             prefix_cache_tokens=self.prefix.stats.reused_tokens,
+            shared_prompts=self.shared.shared,
         )
 
     # ------------------------------------------------------------ checks
@@ -323,6 +329,7 @@ class Engine:
                         self._finish(seq, "error", error)
                     self._running.clear()
                     self._partial = None
+                    self.shared.clear()
                     self.kv.release_all()
 
     def _shutdown_step(self) -> bool:
@@ -364,8 +371,10 @@ class Engine:
         fit the free KV cache waits and holds back the ones behind it, so long prompts are
         not starved by short ones. A prompt longer than this iteration's token budget is
         prefilled a few chunks per iteration (the partial one, one at a time), so running
-        answers keep decoding meanwhile. A request that fails to start (its adapter, out
-        of memory) ends with its error; the others go on. Returns how many requests were
+        answers keep decoding meanwhile. A prompt (and adapter) equal to one prefilled
+        in this iteration or answering copies that one's prefill (shared_prompts.py) and
+        takes none of the budget. A request that fails to start (its adapter, out of
+        memory) ends with its error; the others go on. Returns how many requests were
         started or moved on, the started ones to prefill whole (in the cache rows after
         the running ones, in order) and the prompt tokens this iteration's budget leaves."""
         budget = self.prefill_budget
@@ -384,8 +393,13 @@ class Engine:
                 if busy + rows > self.max_batch or not self.kv.can_hold(len(seq.prompt), running=busy, rows=rows):
                     keep.append(seq)
                     break
-                entry, hit = self.prefix.lookup(_prefix_key(seq), seq.prompt)
-                chunked = len(seq.prompt) - hit > budget
+                key = (_prefix_key(seq), tuple(seq.prompt))
+                owner = self.shared.owner(key)  # the same prompt is prefilling or answering
+                if owner is not None:
+                    entry, hit, chunked = None, 0, False
+                else:
+                    entry, hit = self.prefix.lookup(_prefix_key(seq), seq.prompt)
+                    chunked = len(seq.prompt) - hit > budget
                 if chunked and self._partial is not None:  # one partial at a time; it goes first
                     keep.append(seq)
                     break
@@ -413,7 +427,12 @@ class Engine:
                 else:
                     fresh.append(seq)
                     next_row += rows
-                    budget -= len(seq.prompt) - hit
+                    if owner is not None:  # copies the owner's prefill: no prompt tokens to compute
+                        seq.source = owner
+                    else:
+                        budget -= len(seq.prompt) - hit
+                        seq.share_key = key
+                        self.shared.register(key, seq)
         finally:
             # whatever happened, every request not admitted or finished waits on
             keep.extend(self._waiting)
@@ -489,10 +508,17 @@ class Engine:
         sample their first token and join the running batch in cache-row order."""
         started = time.perf_counter()
         remove: list[int] = []
-        for group in _forward_groups(fresh):  # rows len(running).. in order: the batch stays in rows 0..N-1
-            results = self._run([(seq, len(seq.prompt)) for seq in group])
-            for seq in group:
-                remove += self._join(seq, results[seq])
+        pending = deque(fresh)  # joined in row order: the batch stays in rows 0..N-1
+
+        def join_ready(results: dict) -> None:
+            # the next ones whose first logits are known: prefilled, or copying a prefill
+            while pending and (pending[0].source is not None or pending[0] in results):
+                seq = pending.popleft()
+                remove.extend(self._join(seq, self._share(seq) if seq.source is not None else results[seq]))
+
+        for group in _forward_groups([s for s in fresh if s.source is None]):
+            join_ready(self._run([(seq, len(seq.prompt)) for seq in group]))
+        join_ready({})
         partial = self._partial
         if partial is not None:
             end = min(len(partial.prompt), partial.length + max(budget // PREFILL_CHUNK, 1) * PREFILL_CHUNK)
@@ -507,6 +533,8 @@ class Engine:
                 if partial.row != row:
                     self.kv.move(partial.row, row, partial.length)
                     partial.row = row
+                partial.share_key = (_prefix_key(partial), tuple(partial.prompt))
+                self.shared.register(partial.share_key, partial)
                 remove += self._join(partial, result)
         self._prefill_seconds += time.perf_counter() - started
         if remove:
@@ -519,14 +547,16 @@ class Engine:
         forward. False if it did not run (or failed, having finished nothing): then the
         caller prefills and decodes apart."""
         running = self._running
-        if (not fresh or not running or self._partial is not None or self.runner.token_lora is None
+        own = [s for s in fresh if s.source is None]  # the others copy a prefill (_share)
+        if (not own or not running or self._partial is not None or self.runner.token_lora is None
                 or self.runner.attention_kernel is None or any(s.others for s in fresh)
-                or len(_forward_groups(fresh)) > 1):
+                or len(_forward_groups(own)) > 1
+                or any(s.source is not None and s.source not in own and s.source.first_logits is None for s in fresh)):
             return False
         if not all(self.kv.grow(i, seq.length + 1) for i, seq in enumerate(running)):
             return False  # the budget is short: the separate path ends the row that does not fit
         started = time.perf_counter()
-        segments = [g for seq in fresh for g in self._segments(seq, len(seq.prompt))]
+        segments = [g for seq in own for g in self._segments(seq, len(seq.prompt))]
         try:
             decoded, prompted = self.runner.step([s.last for s in running], [s.length for s in running],
                                                  [s.slot for s in running], segments, self.bank)
@@ -535,12 +565,14 @@ class Engine:
             return False
         for seq in running:
             seq.length += 1
-        for seq in fresh:
+        for seq, logits in zip(own, prompted):
             self._prefill_tokens += len(seq.prompt) - seq.length
             seq.length = len(seq.prompt)
+            seq.first_logits = logits
             self.prefix.offer(_prefix_key(seq), seq.prompt, seq.row)
         running.extend(fresh)  # their cache rows follow the running ones' (_admit)
-        tokens, logprobs = pick_tokens(torch.cat([decoded, prompted]), [s.sampler for s in running])
+        firsts = [seq.first_logits if seq.source is None else self._share(seq) for seq in fresh]
+        tokens, logprobs = pick_tokens(torch.cat([decoded, torch.stack(firsts)]), [s.sampler for s in running])
         self._decode_seconds += time.perf_counter() - started
         self._steps += 1
         self._fused_steps += 1
@@ -554,12 +586,29 @@ class Engine:
         prompts offered to the prefix cache."""
         results = self._forward(work)
         for seq, end in work:
-            if not isinstance(results[seq], BaseException):
+            if isinstance(results[seq], BaseException):
+                self.shared.drop(seq.share_key, seq)
+            else:
                 self._prefill_tokens += end - seq.length
                 seq.length = end
                 if results[seq] is not None:
+                    seq.first_logits = results[seq]
                     self.prefix.offer(_prefix_key(seq), seq.prompt, seq.row)
         return results
+
+    def _share(self, seq: _Sequence) -> torch.Tensor | BaseException:
+        """Give `seq` (in its cache row, grown for its prompt) the prompt positions and
+        last logits of the request it copies (shared_prompts.py), which is in the running
+        batch by now; if that one's prefill failed, prefill `seq` itself."""
+        owner, seq.source = seq.source, None
+        row = next((i for i, s in enumerate(self._running) if s is owner), None)
+        if owner.first_logits is None or row is None:
+            return self._run([(seq, len(seq.prompt))])[seq]
+        self.kv.copy(row, seq.row, len(seq.prompt))
+        seq.length = len(seq.prompt)
+        seq.first_logits = owner.first_logits
+        self.shared.shared += 1
+        return owner.first_logits
 
     def _join(self, seq: _Sequence, result: torch.Tensor | BaseException) -> list[int]:
         """Put a prefilled request (and its other choices) into the running batch and
@@ -688,6 +737,7 @@ class Engine:
             with self._cond:
                 self._queued -= 1
         self._unwant(seq)
+        self.shared.drop(seq.share_key, seq)
         if seq.slot:
             self.cache.release(seq.slot)
             seq.slot = 0

@@ -81,3 +81,4 @@ class EngineStats:
     fused_steps: int = 0  # decode steps that also prefilled new prompts, in the same forward
     prefix_cache_hits: int = 0  # prompts that started from a cached prefix
     prefix_cache_tokens: int = 0  # prompt tokens taken from cached prefixes instead of prefilled
+    shared_prompts: int = 0  # prompts that copied another running request's prefill of the same prompt
