@@ -6,7 +6,12 @@ asked `--sums` sums ("What is 17 + 25?"), so 99 requests by default. For every `
 mode a real `hatrack serve` answers each request alone (one at a time), then all of them at
 once from `--concurrency` client threads; the table counts answers that differ.
 
-    python bench/invariance.py [--quantize auto,int8wo,nf4,int8] [--sums 9] [--concurrency 32] [--out FILE]
+    python bench/invariance.py [--quantize auto,int8wo,nf4,int8] [--sums 9] [--concurrency 32] \\
+        [--copies 1] [--out FILE]
+
+With `--copies N` the batched pass sends each request N times, side by side (the copies
+of one prompt share its prefill, see hatrack/server/engine/shared_prompts.py), and every
+copy is compared with the answer alone.
 """
 
 from __future__ import annotations
@@ -41,12 +46,14 @@ def ask(url: str, model: str, question: str) -> str:
     return reply.json()["choices"][0]["message"]["content"]
 
 
-def fused_steps(url: str) -> int:
-    """hatrack_engine_fused_steps_total: decode steps that also prefilled arriving prompts."""
+def counter(url: str, name: str) -> int:
+    """An engine counter from /metrics: hatrack_engine_fused_steps_total (decode steps that
+    also prefilled arriving prompts), hatrack_engine_shared_prompts_total (prompts that
+    copied another request's prefill)."""
     import httpx
 
     for line in httpx.get(f"{url}/metrics", timeout=60).text.splitlines():
-        if line.startswith("hatrack_engine_fused_steps_total "):
+        if line.startswith(f"{name} "):
             return int(float(line.split()[1]))
     return 0
 
@@ -64,6 +71,7 @@ def main() -> None:
                         help="hatrack serve --quantize modes, comma-separated (default: %(default)s)")
     parser.add_argument("--sums", type=int, default=9, help="questions per model (default: %(default)s)")
     parser.add_argument("--concurrency", type=int, default=32, help="client threads for the batched pass")
+    parser.add_argument("--copies", type=int, default=1, help="times each request is sent in the batched pass")
     parser.add_argument("--out", type=Path, default=None, help="write the table to this file too")
     args = parser.parse_args()
 
@@ -90,11 +98,12 @@ def main() -> None:
     jobs = [(m, q) for q in questions(args.sums) for m in models]
 
     lines = [f"batch invariance on {base.name}, {len(models)} models x {args.sums} sums = {len(jobs)} greedy requests "
-             f"of {MAX_TOKENS} tokens, each alone then all at concurrency {args.concurrency}; {cpu_name()}, "
+             f"of {MAX_TOKENS} tokens, each alone then all at concurrency {args.concurrency}"
+             + (f", each sent {args.copies} times side by side" if args.copies > 1 else "") + f"; {cpu_name()}, "
              f"{os.cpu_count()} cores, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC",
              "", "| --quantize | precision | requests | differ from alone | differing (model: question #) "
-             "| steps that also prefilled (batched pass) |",
-             "|---|---|---|---|---|---|"]
+             "| steps that also prefilled (batched pass) | prompts shared (batched pass) |",
+             "|---|---|---|---|---|---|---|"]
     for mode in args.quantize.split(","):
         print(f"{mode}: starting", file=sys.stderr, flush=True)
         server = ServerProcess(home, "--quantize", mode, "--device", "cpu", "--no-auth", "--max-batch", "32",
@@ -102,17 +111,21 @@ def main() -> None:
         try:
             alone = [ask(server.url, m, q) for m, q in jobs]
             print(f"{mode}: {len(jobs)} answered alone", file=sys.stderr, flush=True)
-            fused_before = fused_steps(server.url)
+            fused_before = counter(server.url, "hatrack_engine_fused_steps_total")
+            shared_before = counter(server.url, "hatrack_engine_shared_prompts_total")
+            sent = [job for job in jobs for _ in range(args.copies)]  # a request's copies side by side
             with cf.ThreadPoolExecutor(args.concurrency) as pool:
-                together = list(pool.map(lambda job: ask(server.url, *job), jobs))
-            fused = fused_steps(server.url) - fused_before
+                together = list(pool.map(lambda job: ask(server.url, *job), sent))
+            fused = counter(server.url, "hatrack_engine_fused_steps_total") - fused_before
+            shared = counter(server.url, "hatrack_engine_shared_prompts_total") - shared_before
             precision = precision_of(server.log)
         finally:
             server.stop()
-        differ = [i for i, (a, b) in enumerate(zip(alone, together)) if a != b]
+        # a request differs if any of its copies does
+        differ = sorted({i // args.copies for i, b in enumerate(together) if b != alone[i // args.copies]})
         named = ", ".join(f"{jobs[i][0]}: {i // len(models)}" for i in differ[:6]) + (" ..." if len(differ) > 6 else "")
         print(f"{mode}: {len(differ)} of {len(jobs)} differ", file=sys.stderr, flush=True)
-        lines.append(f"| {mode} | {precision} | {len(jobs)} | {len(differ)} | {named or '-'} | {fused} |")
+        lines.append(f"| {mode} | {precision} | {len(jobs)} | {len(differ)} | {named or '-'} | {fused} | {shared} |")
     report(lines, args.out)
 
 

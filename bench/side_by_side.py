@@ -211,7 +211,7 @@ def vllm_side(args: argparse.Namespace, env: dict[str, str], base: str) -> tuple
     vllm_env = {**env, **command["env"], "VLLM_CPU_KVCACHE_SPACE": str(args.vllm_kv_gb),
                 "PYTHONUNBUFFERED": "1", **all_cores_to_vllm(),
                 **dict(item.split("=", 1) for item in args.vllm_env)}
-    return Side("vLLM", command["argv"], vllm_env, base_model), command
+    return Side("vLLM", [*command["argv"], *args.vllm_arg], vllm_env, base_model), command
 
 
 def all_cores_to_vllm() -> dict[str, str]:
@@ -363,6 +363,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--vllm-env", action="append", default=[], metavar="KEY=VALUE",
                         help="extra environment for vLLM, repeatable (default binding: every core, "
                              "VLLM_CPU_OMP_THREADS_BIND=0-N; =auto for vLLM's own, which keeps a core back)")
+    parser.add_argument("--vllm-arg", action="append", default=[], metavar="ARG",
+                        help="an extra argument for vLLM's command line, repeatable (e.g. --vllm-arg=--block-size "
+                             "--vllm-arg=32: its CPU default of 128 positions a block caches no prefix of a "
+                             "shorter prompt)")
     parser.add_argument("--against", type=Path, default=None, metavar="DIR",
                         help="measure against the hatrack checkout in DIR instead of vLLM")
     parser.add_argument("--json-out", type=Path, default=None, help="write raw numbers here")
@@ -435,7 +439,8 @@ def main() -> None:
         f"at most {args.max_tokens} new tokens, {args.requests} per case, "
         + ("every prompt its own" if DISTINCT else "all asking one question") + "; "
         + (f"vLLM --dtype {args.vllm_dtype}, base requests to {vllm.base_model!r}, VLLM_CPU_OMP_THREADS_BIND="
-           f"{vllm.env.get('VLLM_CPU_OMP_THREADS_BIND', 'auto')}; " if command else "")
+           f"{vllm.env.get('VLLM_CPU_OMP_THREADS_BIND', 'auto')}"
+           + (f", vLLM arguments {' '.join(args.vllm_arg)}" if args.vllm_arg else "") + "; " if command else "")
         + f"medians of {args.rounds} round(s), each starting {vllm.label} then "
         f"{', '.join(s.label for s in sides[1:])}, one server at a time; ratios: medians of per-round ratios.",
         "",
