@@ -93,3 +93,22 @@ def test_n_choices_of_a_prompt_that_is_answering_copy_its_prefill(tiny, adapters
     assert [h.result(timeout=TIMEOUT)[0] for h in engine.submit_choices(p, a, choices)] == want
     assert engine.stats().prefill_tokens == prefilled and engine.stats().shared_prompts == 1
     first.cancel()
+
+
+def test_a_long_prompt_prefilled_in_chunks_shares_its_prefill_once_it_answers(tiny, engine_factory, vocab):
+    from hatrack.server.engine.prefix_cache import PREFILL_CHUNK
+
+    p = tokens(6, 3 * PREFILL_CHUNK + 20, vocab)
+    solo = engine_factory(prefix_cache_bytes=0)
+    solo.start()
+    want = answer(solo, p, None, SAMPLED)
+
+    engine = engine_factory(prefix_cache_bytes=0, prefill_budget=PREFILL_CHUNK)  # p goes in chunk by chunk
+    engine.start()
+    first = engine.submit(p, None, SamplingParams(max_tokens=60, temperature=0.0))
+    while not first.tokens:
+        time.sleep(0.002)
+    assert engine.stats().prefill_tokens == len(p)
+    assert answer(engine, p, None, SAMPLED) == want
+    assert engine.stats().prefill_tokens == len(p) and engine.stats().shared_prompts == 1
+    first.cancel()

@@ -535,6 +535,7 @@ class Engine:
                     partial.row = row
                 partial.share_key = (_prefix_key(partial), tuple(partial.prompt))
                 self.shared.register(partial.share_key, partial)
+                _keep_first_logits(partial, result)
                 remove += self._join(partial, result)
         self._prefill_seconds += time.perf_counter() - started
         if remove:
@@ -568,10 +569,11 @@ class Engine:
         for seq, logits in zip(own, prompted):
             self._prefill_tokens += len(seq.prompt) - seq.length
             seq.length = len(seq.prompt)
-            seq.first_logits = logits
+            _keep_first_logits(seq, logits)
             self.prefix.offer(_prefix_key(seq), seq.prompt, seq.row)
         running.extend(fresh)  # their cache rows follow the running ones' (_admit)
-        firsts = [seq.first_logits if seq.source is None else self._share(seq) for seq in fresh]
+        computed = dict(zip(own, prompted))
+        firsts = [computed[seq] if seq.source is None else self._share(seq) for seq in fresh]
         tokens, logprobs = pick_tokens(torch.cat([decoded, torch.stack(firsts)]), [s.sampler for s in running])
         self._decode_seconds += time.perf_counter() - started
         self._steps += 1
@@ -592,7 +594,7 @@ class Engine:
                 self._prefill_tokens += end - seq.length
                 seq.length = end
                 if results[seq] is not None:
-                    seq.first_logits = results[seq]
+                    _keep_first_logits(seq, results[seq])
                     self.prefix.offer(_prefix_key(seq), seq.prompt, seq.row)
         return results
 
@@ -606,7 +608,6 @@ class Engine:
             return self._run([(seq, len(seq.prompt))])[seq]
         self.kv.copy(row, seq.row, len(seq.prompt))
         seq.length = len(seq.prompt)
-        seq.first_logits = owner.first_logits
         self.shared.shared += 1
         return owner.first_logits
 
@@ -759,6 +760,14 @@ def _forward_groups(seqs: list[_Sequence]) -> list[list[_Sequence]]:
         groups[-1].append(seq)
         tokens += n
     return groups
+
+
+def _keep_first_logits(seq: _Sequence, logits: torch.Tensor) -> None:
+    """An owner of its prompt (shared_prompts.py) keeps its last logits for requests that
+    copy its prefill; a copy of the row, not a view that would keep the forward's whole
+    logits tensor alive while it answers."""
+    if seq.share_key is not None:
+        seq.first_logits = logits.clone()
 
 
 def _prefix_key(seq: _Sequence) -> str:
