@@ -98,6 +98,21 @@ def hatrack_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return home
 
 
+def settled(engine, timeout: float = 10.0):
+    """The engine's stats once its scheduler has removed every ended request's row: a
+    request's last event goes out before its row is removed, so a test that saw every
+    answer end may look a moment too early."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        stats = engine.stats()
+        idle = stats.running == 0 and stats.queue_depth == 0 and engine.kv.used_positions == 0
+        if idle or time.monotonic() > deadline:
+            return stats
+        time.sleep(0.01)
+
+
 def randomized_tiny(folder: Path):
     """The tiny model (fp32, eval mode) with larger random weights than its init (seed
     1234, std 0.15), so greedy answers vary from token to token and differ per adapter: a

@@ -13,7 +13,7 @@ import json
 import pytest
 import torch
 
-from conftest import randomized_tiny, write_peft_adapter
+from conftest import randomized_tiny, settled, write_peft_adapter
 from hatrack.registry.records import ResolvedModel
 from hatrack.server.catalog import Target
 from hatrack.server.completions import CHAT, Job, Runner
@@ -134,12 +134,12 @@ def assert_others_answer(handles, reference) -> None:
 
 def assert_consistent(engine: Engine) -> None:
     """Nothing held after every request ended; the bank's tensors all at its rank."""
+    stats = settled(engine)
     bank = engine.bank
     for group, suffixes in GROUPS:
         assert bank.A[group].shape[-1] == len(suffixes) * bank.rank, group
         for suffix in suffixes:
             assert bank.B[suffix].shape[2] == bank.rank, suffix
-    stats = engine.stats()
     assert stats.queue_depth == 0 and stats.running == 0
     assert engine.cache.pinned_slots() == 0
     assert len(engine.cache._free) + len(engine.cache.loaded_keys()) == MAX_LOADED  # no slot lost

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TEST_DEVICE, randomized_tiny, write_peft_adapter
+from conftest import TEST_DEVICE, randomized_tiny, settled, write_peft_adapter
 from hatrack.errors import HatrackError
 from hatrack.server.engine import (
     AdapterSpec,
@@ -191,7 +191,8 @@ def test_cancel_frees_the_row(tiny, engine_factory):
     assert second.result(timeout=60)[1] == "length"
     tokens, reason = first.result(timeout=5)
     assert reason == "cancelled" and len(tokens) < 1000
-    assert engine.stats().running == 0 and engine.stats().queue_depth == 0
+    stats = settled(engine)
+    assert stats.running == 0 and stats.queue_depth == 0
 
 
 def test_concurrent_cold_requests_load_once(tiny, adapters, engine_factory):
@@ -355,6 +356,6 @@ def test_churn_of_requests_cancels_and_evictions_settles(tiny, adapters, engine_
             rng.choice(handles).cancel()
     reasons = {h.result(timeout=60)[1] for h in handles}
     assert reasons <= {"length", "cancelled"} and "length" in reasons
-    stats = engine.stats()
+    stats = settled(engine)
     assert stats.running == 0 and stats.queue_depth == 0
     assert engine.cache.pinned_slots() == 0

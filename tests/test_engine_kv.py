@@ -15,7 +15,7 @@ import httpx
 import pytest
 import torch
 
-from conftest import tiny_registry
+from conftest import settled, tiny_registry
 from hatrack.server.engine import Engine, SamplingParams
 from hatrack.server.engine.errors import KVBudgetError
 from serving import ServerProcess, hatrack_home_env
@@ -147,7 +147,7 @@ def test_full_cache_fails_one_row_and_the_others_complete(tiny):
         # the other answer is the one it gives alone, bit for bit, and the short one waited its turn
         assert [o for o in outcomes if o is not failed[0]] == [(want, "length")]
         assert short.result(timeout=120) == (want_short, "length")
-        assert engine.kv.used_bytes == 0 and engine.stats().running == 0
+        assert settled(engine).running == 0 and engine.kv.used_bytes == 0
     finally:
         engine.stop(timeout=5)
 
